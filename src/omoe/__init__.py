@@ -1,0 +1,8 @@
+"""omoe: Orthogonal Mixture of LoRA Experts and its baselines for Hugging Face causal LMs."""
+
+__version__ = "0.1.0"
+
+from omoe.config import OMoEConfig  # noqa: E402
+from omoe.tuners.model import OMoEModel, get_omoe_model  # noqa: E402
+
+__all__ = ["OMoEConfig", "OMoEModel", "__version__", "get_omoe_model"]

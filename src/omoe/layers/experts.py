@@ -1,0 +1,180 @@
+"""Stacked LoRA / DoRA experts of one frozen linear map (OMoE Eq. (1); DoRA, Liu et al. 2024).
+
+``k`` experts of the same linear share one parameter tensor each for A and B, so that every expert
+is computed by one batched matmul. Tensors are *slot-major*: ``(S, N, d)``, where slot ``s`` of
+token ``n`` uses expert ``s`` (dense, ``S = k``) or expert ``indices[s, n]`` (top-k).
+
+The module returns *deltas*: what each expert adds to the frozen output ``W0 x``. For LoRA that is
+``(alpha/r) B A x``; for DoRA it is ``m/||W0 + (alpha/r)BA|| * (W0 x + (alpha/r)BA x) - W0 x``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _cast_for(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Under autocast the matmul picks the dtype; otherwise compute in the adapter's dtype."""
+    if torch.is_autocast_enabled(x.device.type):
+        return x
+    return x.to(weight.dtype)
+
+
+def expert_matmul(x: torch.Tensor, weight: torch.Tensor, indices: torch.Tensor | None) -> torch.Tensor:
+    """Apply a different linear map per slot.
+
+    Args:
+        x: ``(S, N, d_in)`` per-slot inputs.
+        weight: ``(E, d_out, d_in)`` one matrix per expert.
+        indices: ``(S, N)`` expert of each slot, or ``None`` when slot ``s`` is expert ``s``.
+
+    Returns:
+        ``(S, N, d_out)``.
+    """
+    if indices is None:
+        if weight.shape[0] == 1:
+            return F.linear(x, weight[0])
+        return torch.bmm(x, weight.transpose(1, 2))  # (S, N, d_in) @ (S, d_in, d_out)
+    # Grouped matmul: sort the (slot, token) pairs by expert, one matmul per expert (loop over
+    # experts, never over tokens), then undo the sort.
+    S, N, d_in = x.shape
+    flat_idx = indices.reshape(-1)  # (S*N,)
+    order = flat_idx.argsort(stable=True)
+    counts = torch.bincount(flat_idx, minlength=weight.shape[0]).tolist()
+    chunks = x.reshape(S * N, d_in).index_select(0, order).split(counts)
+    out = torch.cat([F.linear(chunk, weight[e]) for e, chunk in enumerate(chunks)])  # sorted (S*N, d_out)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return out.index_select(0, inverse).view(S, N, -1)
+
+
+class LoRAExperts(nn.Module):
+    """``k`` LoRA adapters of one ``(out, in)`` linear map, with A and B stacked over experts.
+
+    lora_A: ``(k, r, in)``, Kaiming-uniform like ``nn.Linear`` (and PEFT).
+    lora_B: ``(k, out, r)``, zeros, so every expert starts as the identity change.
+    Dropout is applied to the input once, shared by the experts of this linear (as PEFT does for
+    each adapted linear).
+    """
+
+    is_dora = False
+
+    def __init__(self, in_features, out_features, num_experts=1, r=16, alpha=32.0, dropout=0.0, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.num_experts, self.r = num_experts, r
+        self.scaling = alpha / r
+        f32 = torch.float32
+        self.lora_A = nn.Parameter(torch.empty(num_experts, r, in_features, device=device, dtype=f32))
+        self.lora_B = nn.Parameter(torch.empty(num_experts, out_features, r, device=device, dtype=f32))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.lora_A.device.type == "meta":
+            return
+        for a in self.lora_A:  # each expert as its own (r, in) nn.Linear weight
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    @property
+    def dropout_active(self) -> bool:
+        return self.training and isinstance(self.dropout, nn.Dropout)
+
+    def down(self, x: torch.Tensor, indices: torch.Tensor | None) -> torch.Tensor:
+        """``A x`` per slot. x: ``(N, in)`` shared by all slots, or ``(S, N, in)`` per slot.
+
+        Returns ``(S, N, r)``.
+        """
+        A = self.lora_A
+        x = _cast_for(x, A)
+        if x.dim() == 2:
+            # One matmul over every expert's A: (N, in) @ (in, k*r).
+            z = F.linear(x, A.reshape(-1, A.shape[-1])).view(x.shape[0], self.num_experts, self.r)
+            z = z.permute(1, 0, 2)  # (k, N, r)
+            if indices is not None:
+                z = z.gather(0, indices[..., None].expand(-1, -1, self.r))  # (S, N, r)
+            return z
+        return expert_matmul(x, A, indices)
+
+    def lora(self, x: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
+        """``(alpha/r) B A x`` per slot, ``(S, N, out)``; x (already dropped out) as in :meth:`down`."""
+        z = self.down(x, indices)
+        return expert_matmul(z, self.lora_B, indices) * self.scaling
+
+    def forward(self, x, indices=None, base_out=None, base_layer=None) -> torch.Tensor:
+        """Delta of each slot's expert over the frozen output, ``(S, N, out)``.
+
+        Args:
+            x: ``(N, in)`` or ``(S, N, in)`` input of the linear.
+            indices: ``(S, N)`` expert per slot, or ``None`` for dense slots (``S = k``).
+            base_out, base_layer: the frozen ``W0 x`` without bias and the frozen module; used by
+                DoRA only.
+        """
+        return self.lora(self.dropout(x), indices)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``(alpha/r) B A`` of each expert, ``(k, out, in)`` (for merging)."""
+        return torch.bmm(self.lora_B, self.lora_A) * self.scaling
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"num_experts={self.num_experts}, r={self.r}, scaling={self.scaling:g}"
+        )
+
+
+def _frozen_matmul(base_layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``W0 x`` without the bias, computed by calling the frozen module (FSDP-friendly)."""
+    y = base_layer(x)
+    bias = getattr(base_layer, "bias", None)
+    return y - bias if bias is not None else y
+
+
+class DoRAExperts(LoRAExperts):
+    """DoRA experts: ``W_i = m_i * (W0 + s B_i A_i) / ||W0 + s B_i A_i||`` (norm per output row).
+
+    As in the DoRA paper (Sec. 4.3) and PEFT, the norm is treated as a constant in the backward
+    pass. The row norms are computed without forming ``B A`` (see :meth:`weight_norm`):
+    ``||W0_o + s (BA)_o||^2 = ||W0_o||^2 + 2 s B_o . (W0 A^T)_o + s^2 B_o (A A^T) B_o^T``,
+    where ``A W0^T`` is a call of the frozen module on the ``r`` rows of ``A``.
+    """
+
+    is_dora = True
+
+    def __init__(self, in_features, out_features, num_experts=1, r=16, alpha=32.0, dropout=0.0, device=None):
+        super().__init__(in_features, out_features, num_experts, r, alpha, dropout, device)
+        self.lora_magnitude = nn.Parameter(torch.ones(num_experts, out_features, device=device))
+
+    def init_magnitude(self, base_layer: nn.Module) -> None:
+        """``m_i = ||W0 + s B_i A_i||`` row-wise, so that DoRA starts as the frozen map."""
+        if self.lora_magnitude.device.type == "meta" or base_layer.weight.device.type == "meta":
+            return
+        with torch.no_grad():
+            self.lora_magnitude.copy_(self.weight_norm(base_layer))
+
+    @torch.no_grad()
+    def weight_norm(self, base_layer: nn.Module) -> torch.Tensor:
+        """Row norms of each expert's ``W0 + s B A``, ``(k, out)``, float32, no graph."""
+        A, B, s = self.lora_A.float(), self.lora_B.float(), self.scaling
+        w0_sq = base_layer.weight.float().pow(2).sum(-1)  # (out,)
+        with torch.autocast(A.device.type, enabled=False):
+            w0_at = _frozen_matmul(base_layer, A.reshape(-1, A.shape[-1]).to(base_layer.weight.dtype))
+        w0_at = w0_at.float().view(self.num_experts, self.r, -1)  # (k, r, out) = A W0^T
+        cross = torch.einsum("kor,kro->ko", B, w0_at)  # B_o . (W0 A^T)_o
+        gram = torch.bmm(A, A.transpose(1, 2))  # (k, r, r)
+        quad = torch.einsum("kor,krs,kos->ko", B, gram, B)
+        return (w0_sq + 2 * s * cross + s * s * quad).clamp_min(0).sqrt()
+
+    def forward(self, x, indices=None, base_out=None, base_layer=None) -> torch.Tensor:
+        x_dropped = self.dropout(x)
+        lora = self.lora(x_dropped, indices)  # (S, N, out)
+        scale = self.lora_magnitude / self.weight_norm(base_layer)  # (k, out)
+        scale = scale[:, None, :] if indices is None else scale[indices]  # (S, 1|N, out)
+        # PEFT's form: with dropout active the magnitude rescales the frozen map of the dropped input.
+        base_dropped = _frozen_matmul(base_layer, x_dropped) if self.dropout_active else base_out
+        return (scale - 1) * base_dropped + scale * lora

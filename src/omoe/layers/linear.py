@@ -1,0 +1,41 @@
+"""A single LoRA or DoRA adapter beside a frozen ``nn.Linear`` (OMoE Eq. (1); the baselines)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from omoe.layers.experts import LoRAExperts
+
+
+class AdapterLinear(nn.Module):
+    """``h = W0 x + delta(x)`` with one LoRA or DoRA expert; ``base_layer`` stays frozen."""
+
+    def __init__(self, base_layer: nn.Linear, adapter: LoRAExperts):
+        super().__init__()
+        self.base_layer = base_layer
+        self.omoe_lora = adapter
+        self.disabled = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)  # (..., out)
+        if self.disabled:
+            return y
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        base_out = None
+        if self.omoe_lora.is_dora:
+            base_out = y.reshape(-1, y.shape[-1])
+            if self.base_layer.bias is not None:
+                base_out = base_out - self.base_layer.bias
+        delta = self.omoe_lora(x2, None, base_out, self.base_layer)[0]  # (N, out)
+        return y + delta.view(y.shape).to(y.dtype)
+
+    @torch.no_grad()
+    def merged_weight(self) -> torch.Tensor:
+        """The frozen weight with the adapter folded in, in the base weight's dtype."""
+        w0 = self.base_layer.weight
+        w = w0.float() + self.omoe_lora.delta_weight()[0].float()  # (out, in)
+        if self.omoe_lora.is_dora:
+            norm = self.omoe_lora.weight_norm(self.base_layer)[0]  # (out,)
+            w = w * (self.omoe_lora.lora_magnitude[0].float() / norm)[:, None]
+        return w.to(w0.dtype)

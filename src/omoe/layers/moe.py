@@ -1,0 +1,170 @@
+"""Mixture-of-LoRA-experts layers: one router and ``k`` experts per FFN block or per linear.
+
+Vanilla MoE-LoRA and OMoE share these layers; they differ only in the mixer (``ExpertMixer`` or
+``OrthogonalMixer``). Every tensor of experts is slot-major ``(S, N, d)``; see ``experts.py``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from omoe.layers.experts import LoRAExperts, _frozen_matmul
+from omoe.layers.mixing import ExpertMixer
+from omoe.layers.router import Router, RouterStats, Routing
+
+
+class TokenMask:
+    """Shared by the MoE layers of one model: which flattened tokens are real (not padding).
+
+    The model wrapper sets ``mask`` from the attention mask before each forward; a layer uses it
+    only when its size matches the layer's token count (it does not during cached generation).
+    """
+
+    def __init__(self) -> None:
+        self.mask: torch.Tensor | None = None
+
+    def get(self, n_tokens: int) -> torch.Tensor | None:
+        if self.mask is not None and self.mask.numel() == n_tokens:
+            return self.mask
+        return None
+
+
+class ExpertCapture(NamedTuple):
+    """Detached record of one forward pass, for analysis.
+
+    raw: ``(S, N, d)`` expert representations ``E_s(x)`` before orthonormalisation.
+    mixed: ``(S, N, d)`` what was mixed (``E'_s(x)`` for OMoE, ``E_s(x)`` for vanilla MoE).
+    weights, indices: the routing, ``(S, N)`` each (``indices`` is None under soft routing).
+    mask: ``(N,)`` real tokens, or None.
+    """
+
+    raw: torch.Tensor
+    mixed: torch.Tensor
+    weights: torch.Tensor
+    indices: torch.Tensor | None
+    mask: torch.Tensor | None
+
+
+class MoELayer(nn.Module):
+    """What every MoE layer shares: routing, statistics, representation capture, disabling."""
+
+    def __init__(self, base_layer: nn.Module, router: Router, mixer: ExpertMixer, token_mask: TokenMask | None):
+        super().__init__()
+        self.base_layer = base_layer
+        self.omoe_router = router
+        self.mixer = mixer
+        self.token_mask = token_mask or TokenMask()
+        self.disabled = False
+        self.capture = False
+        self.last_router_stats: RouterStats | None = None
+        self.last_capture: ExpertCapture | None = None
+
+    def route(self, x: torch.Tensor) -> Routing:
+        """x: ``(N, d)``. Records the router statistics of this pass."""
+        routing = self.omoe_router(x)
+        self.last_router_stats = Router.stats(routing, self.token_mask.get(x.shape[0]))
+        return routing
+
+    def mix(self, reps: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Transform (Gram-Schmidt for OMoE) and mix ``(S, N, d)`` representations into ``(N, d)``."""
+        mixed = self.mixer.transform(reps)
+        if self.capture:
+            self.last_capture = ExpertCapture(
+                reps.detach(),
+                mixed.detach(),
+                routing.weights.detach(),
+                None if routing.indices is None else routing.indices.detach(),
+                self.token_mask.get(reps.shape[1]),
+            )
+        return self.mixer(mixed, routing.weights)
+
+
+class MoELinear(MoELayer):
+    """``linear`` topology (MoELoRA / LoRAMoE layout): a router and experts on one linear map.
+
+    ``E_s(x)`` is expert s's change of this linear's output.
+    """
+
+    def __init__(self, base_layer: nn.Linear, router, experts: LoRAExperts, mixer, token_mask=None):
+        super().__init__(base_layer, router, mixer, token_mask)
+        self.omoe_experts = experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)  # (..., out)
+        if self.disabled:
+            return y
+        x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+        routing = self.route(x2)
+        base_out = None
+        if self.omoe_experts.is_dora:
+            base_out = y.reshape(-1, y.shape[-1])
+            if self.base_layer.bias is not None:
+                base_out = base_out - self.base_layer.bias
+        reps = self.omoe_experts(x2, routing.indices, base_out, self.base_layer)  # (S, N, out)
+        return y + self.mix(reps, routing).view(y.shape).to(y.dtype)
+
+
+class MoEFeedForward(MoELayer):
+    """``ffn`` topology (the paper's; MixLoRA layout): one router per block, ``k`` experts that are
+    each a LoRA on gate, up and down sharing the frozen weights.
+
+    ``E_s(x) = FFN_s(x) - FFN_0(x)``, with ``FFN(x) = down(act(gate(x)) * up(x))``. ``base_layer``
+    is the original MLP module; any of ``gate``/``up``/``down`` experts may be None (not adapted).
+    """
+
+    def __init__(self, base_layer: nn.Module, router, experts: dict[str, LoRAExperts | None], mixer, token_mask=None):
+        super().__init__(base_layer, router, mixer, token_mask)
+        self.omoe_experts = nn.ModuleDict({k: v for k, v in experts.items() if v is not None})
+
+    def _adapted(self, name: str, x, indices, base_out):
+        """Per-slot output of the gate or up projection, ``(S, N, I)``, or None if not adapted."""
+        if name not in self.omoe_experts:
+            return None
+        linear = getattr(self.base_layer, f"{name}_proj")
+        experts = self.omoe_experts[name]
+        raw = base_out
+        if experts.is_dora and linear.bias is not None:
+            raw = base_out - linear.bias
+        return base_out + experts(x, indices, raw, linear)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mlp = self.base_layer
+        if self.disabled:
+            return mlp(x)
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])  # (N, H)
+        routing = self.route(x2)
+        w, idx = routing.weights, routing.indices  # (S, N)
+        n_slots = w.shape[0]
+
+        g0, u0 = mlp.gate_proj(x2), mlp.up_proj(x2)  # (N, I) each
+        h0 = mlp.act_fn(g0) * u0  # frozen FFN hidden, (N, I)
+        g = self._adapted("gate", x2, idx, g0)  # (S, N, I) or None
+        u = self._adapted("up", x2, idx, u0)
+        if g is None and u is None:
+            h = h0.expand(n_slots, *h0.shape)
+        else:
+            h = mlp.act_fn(g if g is not None else g0) * (u if u is not None else u0)  # (S, N, I)
+
+        down_experts = self.omoe_experts["down"] if "down" in self.omoe_experts else None
+        if not (self.mixer.orthogonal or self.capture or (down_experts is not None and down_experts.is_dora)):
+            # Vanilla LoRA experts: mixing is linear and commutes with the frozen down projection,
+            # sum_s w_s (down(h_s) - down(h0)) = down(sum_s w_s h_s + (1 - sum_s w_s) h0) - bias terms,
+            # so one down matmul replaces S of them (same result as the explicit form below).
+            wd = w.to(h.dtype)
+            h_mix = torch.einsum("sn,sni->ni", wd, h) + (1 - wd.sum(0))[:, None] * h0  # (N, I)
+            out = mlp.down_proj(h_mix)
+            if down_experts is not None:
+                out = out + torch.einsum("sn,snd->nd", wd, down_experts(h, idx)).to(out.dtype)
+            return out.view(*shape[:-1], -1)
+
+        d0 = mlp.down_proj(h0)  # FFN_0(x), (N, H)
+        dh = _frozen_matmul(mlp.down_proj, h)  # (S, N, H), no bias
+        bias = mlp.down_proj.bias
+        reps = dh - (d0 if bias is None else d0 - bias)  # frozen part of E_s(x)
+        if down_experts is not None:
+            reps = reps + down_experts(h, idx, dh, mlp.down_proj)  # E_s(x) = FFN_s(x) - FFN_0(x)
+        return (d0 + self.mix(reps, routing).to(d0.dtype)).view(*shape[:-1], -1)

@@ -1,0 +1,1 @@
+"""Injection of omoe adapters into Hugging Face causal language models."""
