@@ -1,0 +1,98 @@
+"""Turn records into training examples: prompt + response + EOS, with the prompt masked out of the loss.
+
+The prompt (template with an empty response) and the response (the record's ``output``) are
+tokenised separately and concatenated, so the prompt's tokens are exactly the tokens an evaluation
+prompt has, and the first label token is the first token the model must emit after it.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from omoe.data.prompts import build_prompt
+from omoe.errors import ConfigError
+
+IGNORE_INDEX = -100
+
+
+class TokenizedData(NamedTuple):
+    """Examples from :func:`tokenize_dataset` and how many of them were cut at ``cutoff_len``."""
+
+    examples: list[dict]
+    num_truncated: int
+
+
+def tokenize_example(tokenizer, record: dict, cutoff_len: int = 512, train_on_inputs: bool = False) -> dict:
+    """Tokenise one record.
+
+    Returns:
+        dict with ``input_ids``, ``labels``, ``attention_mask`` (1-D LongTensors of shape ``(T,)``,
+        ``T <= cutoff_len``) and ``truncated`` (bool). ``labels`` is ``input_ids`` with the prompt
+        positions set to -100 unless ``train_on_inputs``.
+    """
+    return tokenize_dataset(tokenizer, [record], cutoff_len, train_on_inputs).examples[0]
+
+
+def tokenize_dataset(
+    tokenizer, records: list[dict], cutoff_len: int = 512, train_on_inputs: bool = False
+) -> TokenizedData:
+    """Tokenise records in one batched tokenizer call per part (prompt, response).
+
+    Sequences longer than ``cutoff_len`` keep their first ``cutoff_len`` tokens (the EOS, and possibly
+    the answer, are lost); their number is returned so callers can report it.
+    """
+    if isinstance(cutoff_len, bool) or not isinstance(cutoff_len, int) or cutoff_len <= 0:
+        raise ConfigError(f"cutoff_len must be a positive integer, got {cutoff_len!r}")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ConfigError("the tokenizer has no EOS token; set tokenizer.eos_token before tokenising")
+    if not records:
+        return TokenizedData([], 0)
+    prompts = [build_prompt(r, with_output=False) for r in records]
+    prompt_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    response_ids = tokenizer([r["output"] for r in records], add_special_tokens=False)["input_ids"]
+
+    examples, num_truncated = [], 0
+    for p, r in zip(prompt_ids, response_ids):
+        ids = torch.tensor([*p, *r, eos], dtype=torch.long)  # (T_full,)
+        labels = ids.clone()
+        if not train_on_inputs:
+            labels[: len(p)] = IGNORE_INDEX
+        truncated = ids.numel() > cutoff_len
+        num_truncated += truncated
+        examples.append(
+            {
+                "input_ids": ids[:cutoff_len],
+                "labels": labels[:cutoff_len],
+                "attention_mask": torch.ones(min(ids.numel(), cutoff_len), dtype=torch.long),
+                "truncated": truncated,
+            }
+        )
+    return TokenizedData(examples, num_truncated)
+
+
+def collate(batch: list[dict], pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict:
+    """Right-pad a list of examples into a training batch.
+
+    Returns:
+        dict of LongTensors of shape ``(B, T)``: ``input_ids`` padded with ``pad_token_id``,
+        ``attention_mask`` padded with 0, ``labels`` padded with -100.
+    """
+    if not batch:
+        raise ConfigError("collate needs at least one example")
+    longest = max(ex["input_ids"].numel() for ex in batch)
+    if pad_to_multiple_of:
+        longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    out = {
+        "input_ids": torch.full((len(batch), longest), pad_token_id, dtype=torch.long),  # (B, T)
+        "attention_mask": torch.zeros(len(batch), longest, dtype=torch.long),
+        "labels": torch.full((len(batch), longest), IGNORE_INDEX, dtype=torch.long),
+    }
+    for i, ex in enumerate(batch):
+        n = ex["input_ids"].numel()
+        out["input_ids"][i, :n] = ex["input_ids"]
+        out["attention_mask"][i, :n] = ex["attention_mask"]
+        out["labels"][i, :n] = ex["labels"]
+    return out
