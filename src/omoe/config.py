@@ -54,7 +54,9 @@ class OMoEConfig:
     dropout: float = field(default=0.05, metadata={"help": "dropout on the adapters' input, in [0, 1)"})
     use_dora: bool = field(
         default=False,
-        metadata={"help": "DoRA instead of LoRA for every adapter and expert (OMoE-DoRA); method='dora' sets it"},
+        metadata={
+            "help": "DoRA instead of LoRA for every adapter and expert (OMoE-DoRA); method='dora' sets it"
+        },
     )
     target_modules: list[str] | None = field(
         default=None,
@@ -73,10 +75,16 @@ class OMoEConfig:
             f"One of {LAYER_PRESETS}, a list of block indices, or ranges such as '0-9,20-29'"
         },
     )
-    orthogonalize: bool = field(default=True, metadata={"help": "omoe ablation: Gram-Schmidt orthogonalisation"})
-    normalize: bool = field(default=True, metadata={"help": "omoe ablation: unit-normalise the orthogonal vectors"})
+    orthogonalize: bool = field(
+        default=True, metadata={"help": "omoe ablation: Gram-Schmidt orthogonalisation"}
+    )
+    normalize: bool = field(
+        default=True, metadata={"help": "omoe ablation: unit-normalise the orthogonal vectors"}
+    )
     gs_eps: float = field(default=1e-6, metadata={"help": "norm guard of Gram-Schmidt, v/sqrt(|v|^2+eps^2)"})
-    router_init_std: float = field(default=0.02, metadata={"help": "std of the router's normal initialisation"})
+    router_init_std: float = field(
+        default=0.02, metadata={"help": "std of the router's normal initialisation"}
+    )
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -106,7 +114,9 @@ class OMoEConfig:
         if self.routing not in ROUTINGS:
             raise ConfigError(f"unknown routing {self.routing!r}; allowed: {', '.join(ROUTINGS)}")
         if self.routing == "soft" and self.top_k not in (None, self.num_experts):
-            raise ConfigError(f"routing 'soft' uses every expert; got top_k={self.top_k} (set routing='topk')")
+            raise ConfigError(
+                f"routing 'soft' uses every expert; got top_k={self.top_k} (set routing='topk')"
+            )
         if self.routing == "topk" and self.top_k is None:
             raise ConfigError("routing 'topk' needs top_k (1..num_experts)")
         if self.routing == "switch":
@@ -118,7 +128,9 @@ class OMoEConfig:
                 self.target_modules = [self.target_modules]
             self.target_modules = list(self.target_modules)
             if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
-                raise ConfigError(f"target_modules must be a non-empty list of names, got {self.target_modules!r}")
+                raise ConfigError(
+                    f"target_modules must be a non-empty list of names, got {self.target_modules!r}"
+                )
         if isinstance(self.orthogonal_layers, tuple):
             self.orthogonal_layers = list(self.orthogonal_layers)
         _parse_layers(self.orthogonal_layers, 32)  # syntax check now; bounds checked on injection
@@ -149,7 +161,9 @@ class OMoEConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known - {"omoe_version", "base_model_name_or_path"})
         if unknown:
-            raise ConfigError(f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
+            raise ConfigError(
+                f"unknown config key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}"
+            )
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def save_pretrained(self, directory: str | Path, **extra) -> None:
@@ -206,4 +220,6 @@ def check_layers_in_range(config: OMoEConfig, num_blocks: int) -> None:
     """Raise if an explicit block index does not exist in a model of ``num_blocks`` blocks."""
     bad = sorted(i for i in config.orthogonal_blocks(num_blocks) if not 0 <= i < num_blocks)
     if bad:
-        raise ConfigError(f"orthogonal_layers names block(s) {bad}; this model has blocks 0..{num_blocks - 1}")
+        raise ConfigError(
+            f"orthogonal_layers names block(s) {bad}; this model has blocks 0..{num_blocks - 1}"
+        )

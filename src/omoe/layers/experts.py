@@ -159,12 +159,13 @@ class DoRAExperts(LoRAExperts):
 
     @torch.no_grad()
     def weight_norm(self, base_layer: nn.Module) -> torch.Tensor:
-        """Row norms of each expert's ``W0 + s B A``, ``(k, out)``, float32, no graph."""
-        A, B, s = self.lora_A.float(), self.lora_B.float(), self.scaling
-        w0_sq = base_layer.weight.float().pow(2).sum(-1)  # (out,)
+        """Row norms of each expert's ``W0 + s B A``, ``(k, out)``, at least float32, no graph."""
+        dtype = torch.promote_types(self.lora_A.dtype, torch.float32)
+        A, B, s = self.lora_A.to(dtype), self.lora_B.to(dtype), self.scaling
+        w0_sq = base_layer.weight.to(dtype).pow(2).sum(-1)  # (out,)
         with torch.autocast(A.device.type, enabled=False):
             w0_at = _frozen_matmul(base_layer, A.reshape(-1, A.shape[-1]).to(base_layer.weight.dtype))
-        w0_at = w0_at.float().view(self.num_experts, self.r, -1)  # (k, r, out) = A W0^T
+        w0_at = w0_at.to(dtype).view(self.num_experts, self.r, -1)  # (k, r, out) = A W0^T
         cross = torch.einsum("kor,kro->ko", B, w0_at)  # B_o . (W0 A^T)_o
         gram = torch.bmm(A, A.transpose(1, 2))  # (k, r, r)
         quad = torch.einsum("kor,krs,kos->ko", B, gram, B)

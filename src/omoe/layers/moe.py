@@ -51,7 +51,9 @@ class ExpertCapture(NamedTuple):
 class MoELayer(nn.Module):
     """What every MoE layer shares: routing, statistics, representation capture, disabling."""
 
-    def __init__(self, base_layer: nn.Module, router: Router, mixer: ExpertMixer, token_mask: TokenMask | None):
+    def __init__(
+        self, base_layer: nn.Module, router: Router, mixer: ExpertMixer, token_mask: TokenMask | None
+    ):
         super().__init__()
         self.base_layer = base_layer
         self.omoe_router = router
@@ -115,7 +117,9 @@ class MoEFeedForward(MoELayer):
     is the original MLP module; any of ``gate``/``up``/``down`` experts may be None (not adapted).
     """
 
-    def __init__(self, base_layer: nn.Module, router, experts: dict[str, LoRAExperts | None], mixer, token_mask=None):
+    def __init__(
+        self, base_layer: nn.Module, router, experts: dict[str, LoRAExperts | None], mixer, token_mask=None
+    ):
         super().__init__(base_layer, router, mixer, token_mask)
         self.omoe_experts = nn.ModuleDict({k: v for k, v in experts.items() if v is not None})
 
@@ -152,10 +156,10 @@ class MoEFeedForward(MoELayer):
         down_experts = self.omoe_experts["down"] if "down" in self.omoe_experts else None
         if not (self.mixer.orthogonal or self.capture or (down_experts is not None and down_experts.is_dora)):
             # Vanilla LoRA experts: mixing is linear and commutes with the frozen down projection,
-            # sum_s w_s (down(h_s) - down(h0)) = down(sum_s w_s h_s + (1 - sum_s w_s) h0) - bias terms,
+            # sum_s w_s (down(h_s) - down(h0)) = down(sum_s w_s (h_s - h0)) (no bias: it cancels),
             # so one down matmul replaces S of them (same result as the explicit form below).
             wd = w.to(h.dtype)
-            h_mix = torch.einsum("sn,sni->ni", wd, h) + (1 - wd.sum(0))[:, None] * h0  # (N, I)
+            h_mix = h0 + torch.einsum("sn,sni->ni", wd, h - h0)  # (N, I)
             out = mlp.down_proj(h_mix)
             if down_experts is not None:
                 out = out + torch.einsum("sn,snd->nd", wd, down_experts(h, idx)).to(out.dtype)

@@ -99,9 +99,10 @@ class Router(nn.Module):
             nn.init.normal_(self.weight, std=self.init_std)
 
     def forward(self, x: torch.Tensor) -> Routing:
-        """x: ``(N, d)`` token features. The softmax is computed in float32."""
+        """x: ``(N, d)`` token features. The softmax is computed in float32 (or float64 inputs' dtype)."""
+        dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.weight.float())  # (N, E)
+            logits = F.linear(x.to(dtype), self.weight.to(dtype))  # (N, E)
         probs = logits.softmax(-1)
         if self.routing == "soft":
             return Routing(probs.t(), None, probs)
@@ -121,13 +122,13 @@ class Router(nn.Module):
         aux, f = load_balancing_loss(probs, routing.indices, mask)
         n_tokens, n_experts = probs.shape
         with torch.no_grad():
-            m = torch.ones(n_tokens, device=probs.device) if mask is None else mask.float()
+            m = torch.ones(n_tokens, device=probs.device) if mask is None else mask.to(probs.dtype)
             denom = m.sum().clamp_min(1.0)
-            dense = torch.zeros_like(probs)  # (N, E)
+            weights = routing.weights.t().detach().to(probs.dtype)  # (N, S)
             if routing.indices is None:
-                dense = routing.weights.t().detach().float()
+                dense = weights
             else:
-                dense.scatter_(1, routing.indices.t(), routing.weights.t().detach().float())
+                dense = torch.zeros_like(probs).scatter_(1, routing.indices.t(), weights)  # (N, E)
             load = (dense * m[:, None]).sum(0) / denom
             entropy = -(probs * probs.clamp_min(1e-12).log()).sum(-1)
             entropy = (entropy * m).sum() / denom

@@ -47,7 +47,9 @@ def block_index(name: str) -> int:
     """Index of the transformer block that holds module ``name`` (first integer component)."""
     match = re.search(r"(?:^|\.)(\d+)(?:\.|$)", name)
     if match is None:
-        raise TargetNotFoundError(f"cannot tell which block {name!r} belongs to (no numeric index in its name)")
+        raise TargetNotFoundError(
+            f"cannot tell which block {name!r} belongs to (no numeric index in its name)"
+        )
     return int(match.group(1))
 
 
@@ -117,7 +119,9 @@ class MixtureOfExperts:
         return ExpertMixer()
 
     def router(self, config: OMoEConfig, in_features: int, device) -> Router:
-        return Router(in_features, config.num_experts, config.routing, config.top_k, config.router_init_std, device)
+        return Router(
+            in_features, config.num_experts, config.routing, config.top_k, config.router_init_std, device
+        )
 
     def inject(self, model: nn.Module, config: OMoEConfig, token_mask: TokenMask) -> None:
         TOPOLOGIES[config.topology](self, model, config, token_mask)
@@ -133,7 +137,7 @@ def _inject_ffn(method: MixtureOfExperts, model, config, token_mask) -> None:
             f"{type(model).__name__} has none. Its linear layers are: {_available(linear_modules(model))}. "
             "Use topology 'linear' instead"
         )
-    ffn_targets = [p for p in FFN_PROJECTIONS if f"{p}_proj" in {t.rsplit('.', 1)[-1] for t in targets}]
+    ffn_targets = [p for p in FFN_PROJECTIONS if f"{p}_proj" in {t.rsplit(".", 1)[-1] for t in targets}]
     if not ffn_targets:
         raise TargetNotFoundError(
             "topology 'ffn' needs at least one of gate_proj, up_proj, down_proj in target_modules, "

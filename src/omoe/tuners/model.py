@@ -74,7 +74,9 @@ class OMoEModel(nn.Module):
 
     def router_stats(self) -> dict[str, RouterStats]:
         """Statistics of the last forward pass, per MoE layer (aux loss, load, entropy)."""
-        return {n: m.last_router_stats for n, m in self.moe_layers().items() if m.last_router_stats is not None}
+        return {
+            n: m.last_router_stats for n, m in self.moe_layers().items() if m.last_router_stats is not None
+        }
 
     def aux_loss(self) -> torch.Tensor:
         """Sum over MoE layers of the load-balancing loss of the last forward pass (with graph)."""
@@ -110,7 +112,9 @@ class OMoEModel(nn.Module):
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
-        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+        )
 
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
         """Adapter tensors only, keyed by their name inside the wrapped model."""
@@ -133,14 +137,18 @@ class OMoEModel(nn.Module):
             os.replace(os.path.join(tmp, CONFIG_NAME), directory / CONFIG_NAME)
 
     @classmethod
-    def from_pretrained(cls, model: nn.Module, directory: str | os.PathLike, is_trainable: bool = False) -> OMoEModel:
+    def from_pretrained(
+        cls, model: nn.Module, directory: str | os.PathLike, is_trainable: bool = False
+    ) -> OMoEModel:
         """Inject the adapter saved in ``directory`` into ``model`` and load its weights.
 
         Only safetensors files are read; pickle-based files are refused.
         """
         directory = Path(directory)
         if directory.is_file():
-            raise AdapterLoadError(f"{directory} is a file; pass the adapter directory holding {CONFIG_NAME} and {WEIGHTS_NAME}")
+            raise AdapterLoadError(
+                f"{directory} is a file; pass the adapter directory holding {CONFIG_NAME} and {WEIGHTS_NAME}"
+            )
         if not directory.is_dir():
             raise FileNotFoundError(f"adapter directory {directory} does not exist")
         weights = directory / WEIGHTS_NAME
@@ -214,7 +222,11 @@ class OMoEModel(nn.Module):
             with torch.no_grad():
                 module.base_layer.weight.copy_(module.merged_weight())
             parent_name, _, child = name.rpartition(".")
-            setattr(self.base_model.get_submodule(parent_name) if parent_name else self.base_model, child, module.base_layer)
+            setattr(
+                self.base_model.get_submodule(parent_name) if parent_name else self.base_model,
+                child,
+                module.base_layer,
+            )
         return self.base_model
 
 
