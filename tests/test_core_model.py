@@ -262,14 +262,14 @@ def test_bad_config_values_raise_config_error_saying_what_is_allowed(kwargs, mes
 
 
 def test_unknown_config_key_lists_valid_keys():
-    with pytest.raises(ConfigError, match="unknown config key.*experts_count.*valid keys:.*num_experts"):
+    with pytest.raises(ConfigError, match=r"unknown config key.*experts_count.*valid keys:.*num_experts"):
         OMoEConfig.from_dict({"experts_count": 3})
 
 
 def test_missing_target_lists_what_the_model_has():
     with pytest.raises(
         TargetNotFoundError,
-        match="c_attn not found.*down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj",
+        match=r"c_attn not found.*down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj",
     ):
         get_omoe_model(_base(), OMoEConfig(target_modules=["q_proj", "c_attn"]))
 
@@ -298,7 +298,7 @@ def test_adapter_for_another_shape_names_the_tensor(tmp_path):
 
 def test_adapter_with_missing_tensor_is_refused(tmp_path):
     get_omoe_model(_base(layers=2), OMoEConfig()).save_pretrained(tmp_path)
-    with pytest.raises(AdapterLoadError, match="missing tensor 'model.layers.2"):
+    with pytest.raises(AdapterLoadError, match=r"missing tensor 'model\.layers\.2"):
         OMoEModel.from_pretrained(_base(layers=3), tmp_path)
 
 

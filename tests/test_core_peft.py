@@ -23,7 +23,7 @@ def test_lora_and_dora_outputs_and_gradients_equal_peft(use_dora):
     ours.double()
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for name, p in ours.named_parameters():
+        for p in ours.parameters():
             if p.requires_grad:
                 p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.1)
     theirs = peft.get_peft_model(

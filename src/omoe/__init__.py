@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from omoe.config import OMoEConfig  # noqa: E402
-from omoe.tuners.model import OMoEModel, get_omoe_model  # noqa: E402
+from omoe.config import OMoEConfig
+from omoe.tuners.model import OMoEModel, get_omoe_model
 
 __all__ = ["OMoEConfig", "OMoEModel", "__version__", "get_omoe_model"]

@@ -74,7 +74,7 @@ def resolve_targets(model: nn.Module, config: OMoEConfig) -> dict[str, nn.Linear
     return {n: m for n, m in linears.items() if any(_matches(n, t) for t in config.targets)}
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
@@ -104,7 +104,7 @@ class SingleAdapter:
 
     def inject(self, model: nn.Module, config: OMoEConfig, token_mask: TokenMask) -> None:
         for name, linear in resolve_targets(model, config).items():
-            _set_module(model, name, _adapter_linear(config, linear))
+            set_module(model, name, _adapter_linear(config, linear))
 
 
 class MixtureOfExperts:
@@ -156,11 +156,11 @@ def _inject_ffn(method: MixtureOfExperts, model, config, token_mask) -> None:
         }
         router = method.router(config, mlp.gate_proj.in_features, mlp.gate_proj.weight.device)
         mixer = method.mixer(config, blocks[name], orthogonal_blocks)
-        _set_module(model, name, MoEFeedForward(mlp, router, experts, mixer, token_mask))
+        set_module(model, name, MoEFeedForward(mlp, router, experts, mixer, token_mask))
     inside_mlp = tuple(f"{name}." for name in mlps)
     for name, linear in targets.items():
         if not name.startswith(inside_mlp):
-            _set_module(model, name, _adapter_linear(config, linear))
+            set_module(model, name, _adapter_linear(config, linear))
 
 
 def _inject_linear(method: MixtureOfExperts, model, config, token_mask) -> None:
@@ -174,7 +174,7 @@ def _inject_linear(method: MixtureOfExperts, model, config, token_mask) -> None:
         router = method.router(config, linear.in_features, linear.weight.device)
         experts = _experts(config, linear, config.num_experts)
         mixer = method.mixer(config, blocks[name], orthogonal_blocks)
-        _set_module(model, name, MoELinear(linear, router, experts, mixer, token_mask))
+        set_module(model, name, MoELinear(linear, router, experts, mixer, token_mask))
 
 
 TOPOLOGIES = {"ffn": _inject_ffn, "linear": _inject_linear}

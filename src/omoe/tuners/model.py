@@ -15,8 +15,8 @@ from torch import nn
 
 from omoe.config import CONFIG_NAME, OMoEConfig
 from omoe.errors import AdapterLoadError, ConfigError
-from omoe.layers import AdapterLinear, ExpertCapture, MoELayer, RouterStats
-from omoe.tuners.injection import adapter_modules, inject_adapters
+from omoe.layers import ExpertCapture, MoELayer, RouterStats
+from omoe.tuners.injection import adapter_modules, inject_adapters, set_module
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_PREFIX = "omoe_"  # every adapter sub-module's attribute name starts with it
@@ -209,6 +209,12 @@ class OMoEModel(nn.Module):
             for m, was in zip(modules, previous):
                 m.disabled = was
 
+    def unload(self) -> nn.Module:
+        """Remove every adapter layer without merging and return the original model."""
+        for name, module in list(adapter_modules(self.base_model)):
+            set_module(self.base_model, name, module.base_layer)
+        return self.base_model
+
     def merge_and_unload(self) -> nn.Module:
         """Fold LoRA/DoRA into the frozen weights and return the plain model (lora/dora only)."""
         if self.omoe_config.is_moe:
@@ -217,17 +223,10 @@ class OMoEModel(nn.Module):
                 "weights (and OMoE's Gram-Schmidt) depend on each input, so no fixed weight equals the "
                 "adapted layer; allowed for methods 'lora' and 'dora'"
             )
-        for name, module in list(adapter_modules(self.base_model)):
-            assert isinstance(module, AdapterLinear)
+        for _, module in adapter_modules(self.base_model):
             with torch.no_grad():
                 module.base_layer.weight.copy_(module.merged_weight())
-            parent_name, _, child = name.rpartition(".")
-            setattr(
-                self.base_model.get_submodule(parent_name) if parent_name else self.base_model,
-                child,
-                module.base_layer,
-            )
-        return self.base_model
+        return self.unload()
 
 
 def get_omoe_model(model: nn.Module, config: OMoEConfig | None = None) -> OMoEModel:
