@@ -1,0 +1,95 @@
+"""Library entry point: score one task's records with one protocol.
+
+The three protocols answer different questions and their accuracies are NOT comparable; every
+metrics dict carries its ``protocol``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from omoe.data.tasks import Task, get_task
+from omoe.errors import ConfigError
+from omoe.eval.generate import GenerateProtocol
+from omoe.eval.label import LabelProtocol
+from omoe.eval.loglik import LoglikProtocol
+
+PROTOCOLS = {"generate": GenerateProtocol, "label": LabelProtocol, "loglik": LoglikProtocol}
+
+
+def get_protocol(name: str, max_new_tokens: int = 32, num_beams: int = 1):
+    """Build a protocol object by name; generation options apply to ``generate`` only."""
+    if name not in PROTOCOLS:
+        raise ConfigError(f"unknown protocol {name!r}; allowed: {', '.join(PROTOCOLS)}")
+    if name == "generate":
+        return GenerateProtocol(max_new_tokens=max_new_tokens, num_beams=num_beams)
+    if (max_new_tokens, num_beams) != (32, 1):
+        raise ConfigError(f"max_new_tokens/num_beams apply to protocol generate only, not {name}")
+    return PROTOCOLS[name]()
+
+
+def evaluate(
+    model,
+    tokenizer,
+    task: str | Task,
+    records: list[dict],
+    protocol: str,
+    batch_size: int = 8,
+    *,
+    max_new_tokens: int = 32,
+    num_beams: int = 1,
+    progress: bool = True,
+) -> tuple[dict, list[dict]]:
+    """Evaluate ``model`` on ``records`` of ``task``.
+
+    ``model`` is a Hugging Face causal LM or a wrapper with the same ``generate`` and
+    ``__call__(input_ids=, attention_mask=) -> .logits`` (e.g. ``OMoEModel``). It is put in eval mode
+    for the duration and restored afterwards. The tokenizer needs a pad and an EOS token.
+
+    Returns:
+        ``(metrics, predictions)``: metrics has ``task``, ``protocol``, ``n``, ``correct``,
+        ``accuracy``, ``no_match``, ``seconds`` (and ``acc_norm`` for ``loglik``); predictions has one
+        dict per record with ``index``, ``answer``, ``prediction``, ``correct`` and protocol details.
+    """
+    task = get_task(task)
+    proto = get_protocol(protocol, max_new_tokens=max_new_tokens, num_beams=num_beams)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not records:
+        raise ConfigError(f"no records to evaluate for task {task.name}")
+    if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+        raise ConfigError(
+            "the tokenizer needs a pad and an EOS token (omoe.models.load_model sets pad = eos)"
+        )
+
+    was_training = getattr(model, "training", False)
+    model.eval()
+    start = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            predictions = proto.predict(model, tokenizer, task, records, batch_size, progress)
+    finally:
+        if was_training:
+            model.train()
+    seconds = time.perf_counter() - start
+
+    for p in predictions:
+        p["task"] = task.name
+        p["protocol"] = proto.name
+    n = len(predictions)
+    correct = sum(p["correct"] for p in predictions)
+    metrics = {
+        "task": task.name,
+        "protocol": proto.name,
+        "n": n,
+        "correct": correct,
+        "accuracy": correct / n,
+        "no_match": sum(p["no_match"] for p in predictions),
+        "seconds": round(seconds, 3),
+        "options": proto.options(),
+    }
+    if proto.name == "loglik":
+        metrics["acc_norm"] = sum(p["correct_norm"] for p in predictions) / n
+    return metrics, predictions

@@ -1,0 +1,97 @@
+"""``label`` protocol (MoE-PEFT / MixLoRA style): pick the label whose token is most likely next.
+
+Every training response reads ``the correct answer is <label>`` (:data:`ANSWER_TEMPLATE`), so a
+fine-tuned model does not emit the label as its first response token. We therefore append the part of
+the response that is common to all labels (``the correct answer is`` for boolq, ``the correct answer
+is answer`` for ARC with the SmolLM2 tokenizer, where ``answer1`` splits into `` answer`` + ``1``) and
+compare the next-token logits of each label's first distinguishing token, restricted to the task's
+labels. The prompt and the appended prefix are tokenised exactly as in training (prompt, then
+response, separately), so the scored position is where the fine-tuned model emits the label.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from omoe.data.prompts import build_prompt
+from omoe.data.tasks import ANSWER_TEMPLATE, Task
+from omoe.errors import ConfigError
+from omoe.eval.batching import length_sorted_batches, model_device, pad, progress_bar
+
+
+def label_tokens(
+    tokenizer, labels: tuple[str, ...], template: str = ANSWER_TEMPLATE
+) -> tuple[list[int], list[int]]:
+    """Shared response prefix and one distinguishing token per label.
+
+    Tokenises ``template`` filled with each label, takes the longest prefix common to all, and the
+    token right after it for each label.
+
+    Returns:
+        ``(prefix_ids, label_ids)``: the common prefix token ids and, aligned with ``labels``, the first
+        token where each label's response differs from the others.
+    """
+    seqs = tokenizer([template.format(label=label) for label in labels], add_special_tokens=False)[
+        "input_ids"
+    ]
+    k = 0
+    while all(len(s) > k for s in seqs) and len({s[k] for s in seqs}) == 1:
+        k += 1
+    if any(len(s) <= k for s in seqs):
+        raise ConfigError(
+            f"labels {labels} are not distinguishable by the tokenizer: one response is a prefix of another"
+        )
+    label_ids = [s[k] for s in seqs]
+    if len(set(label_ids)) != len(labels):
+        raise ConfigError(
+            f"labels {labels} share their first distinguishing token; the label protocol cannot score them"
+        )
+    return seqs[0][:k], label_ids
+
+
+@dataclass
+class LabelProtocol:
+    """Argmax over the labels' next-token logits after the common response prefix."""
+
+    name: str = field(default="label", init=False)
+
+    def options(self) -> dict:
+        return {"answer_template": ANSWER_TEMPLATE}
+
+    def predict(
+        self, model, tokenizer, task: Task, records: list[dict], batch_size: int, progress: bool
+    ) -> list[dict]:
+        prefix, label_ids = label_tokens(tokenizer, task.labels)
+        prompts = tokenizer([build_prompt(r, with_output=False) for r in records])["input_ids"]
+        inputs = [[*p, *prefix] for p in prompts]
+        device = model_device(model)
+        scores = torch.empty(len(records), len(label_ids))  # (N, labels)
+        label_index = torch.tensor(label_ids, device=device)
+        for batch in progress_bar(
+            length_sorted_batches([len(s) for s in inputs], batch_size), f"{task.name} [label]", progress
+        ):
+            # Right padding: real tokens never attend to pads and keep their positions.
+            input_ids, attention_mask = pad([inputs[i] for i in batch], tokenizer.pad_token_id, side="right")
+            logits = model(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)
+            ).logits  # (B, T, V)
+            last = attention_mask.sum(1).to(device) - 1  # (B,) position of each row's last real token
+            next_logits = logits[torch.arange(len(batch), device=device), last]  # (B, V)
+            scores[batch] = next_logits[:, label_index].float().cpu()  # (B, labels)
+
+        predictions = []
+        for i, record in enumerate(records):
+            predicted = task.labels[int(scores[i].argmax())]
+            predictions.append(
+                {
+                    "index": i,
+                    "answer": record["answer"],
+                    "prediction": predicted,
+                    "correct": predicted == record["answer"],
+                    "no_match": False,
+                    "scores": dict(zip(task.labels, scores[i].tolist())),
+                }
+            )
+        return predictions

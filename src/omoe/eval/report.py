@@ -1,0 +1,49 @@
+"""Results files of ``omoe eval``: a JSON summary, a predictions JSONL beside it, a Markdown table."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+def predictions_path(output: str | Path) -> Path:
+    """``results.json`` -> ``results.predictions.jsonl`` (same folder, same stem)."""
+    output = Path(output)
+    return output.with_name(f"{output.stem}.predictions.jsonl")
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path`` and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_results(output: str | Path, results: dict, predictions: list[dict]) -> tuple[Path, Path]:
+    """Write the summary JSON and the predictions JSONL (predictions first, summary last)."""
+    output = Path(output)
+    preds = predictions_path(output)
+    atomic_write_text(preds, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
+    atomic_write_text(output, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    return output, preds
+
+
+def markdown_table(task_metrics: list[dict]) -> str:
+    """One row per task: task, protocol, n, accuracy, acc_norm (loglik only), no-match count."""
+    lines = ["| task | protocol | n | accuracy | acc_norm | no_match |", "|---|---|---:|---:|---:|---:|"]
+    for m in task_metrics:
+        acc_norm = f"{m['acc_norm']:.4f}" if "acc_norm" in m else "–"
+        lines.append(
+            f"| {m['task']} | {m['protocol']} | {m['n']} | {m['accuracy']:.4f} | {acc_norm} | {m['no_match']} |"
+        )
+    return "\n".join(lines)

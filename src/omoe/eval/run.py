@@ -1,0 +1,176 @@
+"""Whole evaluation runs: several tasks, one protocol, an optional adapter, one results record."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from omoe.data.loader import bundled_file, load_task
+from omoe.data.tasks import Task, get_task, parse_task_list
+from omoe.errors import AdapterLoadError, ConfigError, OMoEError
+from omoe.eval.evaluate import evaluate, get_protocol
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+@dataclass
+class EvalSpec:
+    """What to evaluate; validated (and every data file read) before any model is loaded."""
+
+    model: str = field(
+        default="smollm2-135m-instruct", metadata={"help": "built-in name, .gguf file or HF directory"}
+    )
+    protocol: str = field(default="generate", metadata={"help": "generate | label | loglik"})
+    tasks: str | None = field(
+        default=None, metadata={"help": "comma-separated bundled tasks, e.g. ARC-Easy,boolq"}
+    )
+    task: str | None = field(default=None, metadata={"help": "one task whose records come from data_file"})
+    data_file: str | None = field(default=None, metadata={"help": ".json/.json.gz file for `task`"})
+    split: str | None = field(
+        default=None, metadata={"help": "bundled split (default: each task's test/sample split)"}
+    )
+    adapter: str | None = field(default=None, metadata={"help": "adapter directory with adapter_config.json"})
+    limit: int | None = field(default=None, metadata={"help": "evaluate the first N records of each task"})
+    batch_size: int = field(default=8, metadata={"help": "prompts per forward/generate call"})
+    seed: int = field(default=0, metadata={"help": "torch seed (recorded; greedy decoding does not use it)"})
+    max_new_tokens: int = field(default=32, metadata={"help": "generate only: generation length limit"})
+    num_beams: int = field(default=1, metadata={"help": "generate only: 1 = greedy"})
+    dtype: str | None = field(default=None, metadata={"help": "float32 (default), bfloat16, float16"})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:0, ..."})
+
+    def __post_init__(self) -> None:
+        get_protocol(self.protocol, self.max_new_tokens, self.num_beams)
+        if (self.tasks is None) == (self.task is None):
+            raise ConfigError("give either --tasks t1,t2 (bundled data) or --task T --data-file F")
+        if self.task is not None and self.data_file is None:
+            raise ConfigError("--task needs --data-file (use --tasks for the bundled data)")
+        if self.data_file is not None and self.task is None:
+            raise ConfigError("--data-file needs --task to say which task's labels it holds")
+        if self.data_file is not None and self.split is not None:
+            raise ConfigError("--split applies to bundled data (--tasks), not to --data-file")
+        for key in ("limit", "batch_size"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ConfigError(f"--{key.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.adapter is not None:
+            adapter = Path(self.adapter)
+            if not adapter.is_dir():
+                raise FileNotFoundError(f"adapter directory not found: {adapter}")
+            if not (adapter / ADAPTER_CONFIG).is_file():
+                raise FileNotFoundError(f"{adapter} has no {ADAPTER_CONFIG}; expected a saved omoe adapter")
+
+    def task_list(self) -> list[Task]:
+        return [get_task(self.task)] if self.task is not None else parse_task_list(self.tasks)
+
+
+def read_adapter_config(adapter: str | Path) -> dict:
+    path = Path(adapter) / ADAPTER_CONFIG
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise AdapterLoadError(f"{path}: invalid JSON at line {err.lineno}: {err.msg}") from None
+
+
+def load_adapter(model, adapter: str | Path):
+    """Wrap ``model`` with a saved adapter via the core API (imported lazily)."""
+    try:
+        from omoe import OMoEModel
+    except ImportError as err:
+        raise OMoEError(f"cannot load adapter {adapter}: omoe.OMoEModel is not available ({err})") from None
+    return OMoEModel.from_pretrained(model, str(adapter), is_trainable=False)
+
+
+def load_records_for(spec: EvalSpec) -> list[tuple[Task, str, list[dict]]]:
+    """``(task, source file, records)`` per task, records cut to ``spec.limit``."""
+    out = []
+    for task in spec.task_list():
+        if spec.data_file is not None:
+            source = str(spec.data_file)
+            records = load_task(task, data_file=spec.data_file, limit=spec.limit)
+        else:
+            split = spec.split or task.eval_split
+            source = str(bundled_file(task, split))
+            records = load_task(task, split, limit=spec.limit)
+        out.append((task, source, records))
+    return out
+
+
+def run_eval(
+    spec: EvalSpec, progress: bool = True, task_records: list[tuple[Task, str, list[dict]]] | None = None
+) -> tuple[dict, list[dict]]:
+    """Load data (first, so bad input fails fast), model and adapter, and evaluate every task.
+
+    ``task_records`` is :func:`load_records_for`'s result, if the caller has already read the data.
+
+    Returns:
+        ``(results, predictions)``: the JSON-ready summary and all tasks' per-example predictions.
+    """
+    start = time.perf_counter()
+    if task_records is None:
+        task_records = load_records_for(spec)
+    adapter_config = read_adapter_config(spec.adapter) if spec.adapter else None
+
+    from omoe.models import load_model
+
+    model, tokenizer = load_model(spec.model, dtype=spec.dtype, device=spec.device)
+    if spec.adapter:
+        model = load_adapter(model, spec.adapter)
+    load_seconds = time.perf_counter() - start
+
+    torch.manual_seed(spec.seed)
+    per_task, predictions = {}, []
+    for task, source, records in task_records:
+        metrics, preds = evaluate(
+            model,
+            tokenizer,
+            task,
+            records,
+            spec.protocol,
+            spec.batch_size,
+            max_new_tokens=spec.max_new_tokens,
+            num_beams=spec.num_beams,
+            progress=progress,
+        )
+        metrics["data_file"] = source
+        per_task[task.name] = metrics
+        predictions.extend(preds)
+
+    results = {
+        "protocol": spec.protocol,
+        "note": "accuracies from different protocols (generate / label / loglik) are not comparable",
+        "model": spec.model,
+        "adapter": str(Path(spec.adapter).resolve()) if spec.adapter else None,
+        "adapter_config": adapter_config,
+        "seed": spec.seed,
+        "limit": spec.limit,
+        "batch_size": spec.batch_size,
+        "dtype": spec.dtype or "float32",
+        "device": spec.device,
+        "tasks": per_task,
+        "load_seconds": round(load_seconds, 3),
+        "wall_seconds": round(time.perf_counter() - start, 3),
+        "versions": _versions(),
+    }
+    return results, predictions
+
+
+def _versions() -> dict:
+    import transformers
+
+    try:
+        from importlib.metadata import version
+
+        omoe_version = version("omoe")
+    except Exception:  # not installed as a distribution
+        omoe_version = None
+    return {
+        "omoe": omoe_version,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
