@@ -103,7 +103,10 @@ class LoRAExperts(nn.Module):
 
     def lora(self, x: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
         """``(alpha/r) B A x`` per slot, ``(S, N, out)``; x (already dropped out) as in :meth:`down`."""
-        z = self.down(x, indices)
+        return self.up(self.down(x, indices), indices)
+
+    def up(self, z: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
+        """``(alpha/r) B z`` per slot: z ``(S, N, r)`` to ``(S, N, out)``."""
         return expert_matmul(z, self.lora_B, indices) * self.scaling
 
     def forward(self, x, indices=None, base_out=None, base_layer=None) -> torch.Tensor:

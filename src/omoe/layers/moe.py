@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from omoe.layers.experts import LoRAExperts, _frozen_matmul
 from omoe.layers.mixing import ExpertMixer
@@ -72,8 +73,8 @@ class MoELayer(nn.Module):
 
     def mix(self, reps: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Transform (Gram-Schmidt for OMoE) and mix ``(S, N, d)`` representations into ``(N, d)``."""
-        mixed = self.mixer.transform(reps)
         if self.capture:
+            mixed = self.mixer.transform(reps)
             self.last_capture = ExpertCapture(
                 reps.detach(),
                 mixed.detach(),
@@ -81,7 +82,15 @@ class MoELayer(nn.Module):
                 None if routing.indices is None else routing.indices.detach(),
                 self.token_mask.get(reps.shape[1]),
             )
-        return self.mixer(mixed, routing.weights)
+            return self.mixer(mixed, routing.weights)
+        if self.mixer.orthogonal and torch.is_grad_enabled():
+            # Gram-Schmidt keeps several float32 (S, N, d) intermediates for backward; keep only
+            # its input and recompute the (cheap, elementwise) rest in the backward pass.
+            return checkpoint(self._transform_and_mix, reps, routing.weights, use_reentrant=False)
+        return self._transform_and_mix(reps, routing.weights)
+
+    def _transform_and_mix(self, reps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return self.mixer(self.mixer.transform(reps), weights)
 
 
 class MoELinear(MoELayer):
@@ -123,10 +132,34 @@ class MoEFeedForward(MoELayer):
         super().__init__(base_layer, router, mixer, token_mask)
         self.omoe_experts = nn.ModuleDict({k: v for k, v in experts.items() if v is not None})
 
+    def _hidden(self, x: torch.Tensor, indices, g0: torch.Tensor, u0: torch.Tensor):
+        """Frozen hidden ``h0 = act(g0) * u0``, ``(N, I)``, and each slot's hidden ``(S, N, I)``."""
+        adapted = [self.omoe_experts[p] for p in ("gate", "up") if p in self.omoe_experts]
+        if torch.is_grad_enabled() and adapted and not any(e.is_dora for e in adapted):
+            # Keep only the low-rank codes z = A dropout(x), (S, N, r), and recompute the (S, N, I)
+            # gate/up outputs and the activation in backward: the hidden then costs about as much
+            # memory as plain LoRA's instead of 3 (S, N, I) tensors per slot.
+            zg, zu = (
+                self.omoe_experts[p].down(self.omoe_experts[p].dropout(x), indices)
+                if p in self.omoe_experts
+                else None
+                for p in ("gate", "up")
+            )
+            return checkpoint(self._hidden_from_codes, g0, u0, zg, zu, indices, use_reentrant=False)
+        act = self.base_layer.act_fn
+        g, u = (self._adapted(p, x, indices, base) for p, base in (("gate", g0), ("up", u0)))
+        return act(g0) * u0, act(g) * u
+
+    def _hidden_from_codes(self, g0, u0, zg, zu, indices):
+        act = self.base_layer.act_fn
+        g = g0 if zg is None else g0 + self.omoe_experts["gate"].up(zg, indices).to(g0.dtype)
+        u = u0 if zu is None else u0 + self.omoe_experts["up"].up(zu, indices).to(u0.dtype)
+        return act(g0) * u0, act(g) * u
+
     def _adapted(self, name: str, x, indices, base_out):
-        """Per-slot output of the gate or up projection, ``(S, N, I)``, or None if not adapted."""
+        """Per-slot output ``(S, N, I)`` of the gate or up projection (the frozen one if not adapted)."""
         if name not in self.omoe_experts:
-            return None
+            return base_out
         linear = getattr(self.base_layer, f"{name}_proj")
         experts = self.omoe_experts[name]
         raw = base_out
@@ -142,18 +175,12 @@ class MoEFeedForward(MoELayer):
         x2 = x.reshape(-1, shape[-1])  # (N, H)
         routing = self.route(x2)
         w, idx = routing.weights, routing.indices  # (S, N)
-        n_slots = w.shape[0]
-
         g0, u0 = mlp.gate_proj(x2), mlp.up_proj(x2)  # (N, I) each
-        h0 = mlp.act_fn(g0) * u0  # frozen FFN hidden, (N, I)
-        g = self._adapted("gate", x2, idx, g0)  # (S, N, I) or None
-        u = self._adapted("up", x2, idx, u0)
-        if g is None and u is None:
-            h = h0.expand(n_slots, *h0.shape)
-        else:
-            h = mlp.act_fn(g if g is not None else g0) * (u if u is not None else u0)  # (S, N, I)
+        h0, h = self._hidden(x2, idx, g0, u0)  # (N, I), (S, N, I)
+        if h.dim() == 2:  # neither gate nor up adapted: every slot shares the frozen hidden
+            h = h.expand(w.shape[0], *h.shape)
 
-        down_experts = self.omoe_experts["down"] if "down" in self.omoe_experts else None
+        down_experts = self.omoe_experts["down"] if "down" in self.omoe_experts else None  # noqa: SIM401 (ModuleDict)
         if not (self.mixer.orthogonal or self.capture or (down_experts is not None and down_experts.is_dora)):
             # Vanilla LoRA experts: mixing is linear and commutes with the frozen down projection,
             # sum_s w_s (down(h_s) - down(h0)) = down(sum_s w_s (h_s - h0)) (no bias: it cancels),

@@ -120,7 +120,7 @@ class Router(nn.Module):
         """Aux loss, load and entropy of ``routing`` over the tokens where ``mask`` is True."""
         probs = routing.probs
         aux, f = load_balancing_loss(probs, routing.indices, mask)
-        n_tokens, n_experts = probs.shape
+        n_tokens = probs.shape[0]
         with torch.no_grad():
             m = torch.ones(n_tokens, device=probs.device) if mask is None else mask.to(probs.dtype)
             denom = m.sum().clamp_min(1.0)
