@@ -13,7 +13,7 @@ import sys
 
 from omoe.errors import OMoEError
 
-SUBCOMMANDS = ("params", "bench", "train", "eval", "experiment", "report", "analyze")
+SUBCOMMANDS = ("quickstart", "train", "eval", "bench", "params", "experiment", "report", "analyze")
 
 
 def build_parser() -> argparse.ArgumentParser:
