@@ -1,0 +1,98 @@
+"""``omoe params``: count an adapter's trainable parameters on any model shape, instantly.
+
+The model is built on the ``meta`` device (no memory, no weights), so a 70B shape takes a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from omoe.config import OMoEConfig
+from omoe.errors import ConfigError
+
+# LLaMA-family shapes (hidden, intermediate, layers, heads, kv heads, vocab).
+SHAPES = {
+    "smollm2-135m": (576, 1536, 30, 9, 3, 49152),
+    "llama2-7b": (4096, 11008, 32, 32, 32, 32000),
+    "llama2-13b": (5120, 13824, 40, 40, 40, 32000),
+    "llama2-70b": (8192, 28672, 80, 64, 8, 32000),
+    "llama3-8b": (4096, 14336, 32, 32, 8, 128256),
+}
+# The methods compared in the paper, on one line each.
+BASELINES = {
+    "LoRA r16": dict(method="lora"),
+    "LoRA r80 (MixLoRA budget)": dict(method="lora", r=80, alpha=160),
+    "DoRA r16": dict(method="dora"),
+    "MoE soft k=2": dict(method="moe"),
+    "MixLoRA top-2 of 8": dict(method="moe", num_experts=8, top_k=2),
+    "OMoE-LoRA soft k=2": dict(),
+    "OMoE-DoRA soft k=2": dict(use_dora=True),
+}
+
+
+def _parse_value(text: str):
+    import json
+
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("params", help=__doc__.splitlines()[0], description=__doc__)
+    parser.add_argument("--shape", default="llama2-7b", help=f"model shape: {', '.join(SHAPES)} (or --model)")
+    parser.add_argument("--model", default=None, help="a local Hugging Face model directory (its config.json)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an OMoEConfig field, e.g. --set method=moe --set num_experts=8 --set top_k=2; "
+        "without --set, every baseline of the paper is counted",
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+
+    from omoe import get_omoe_model
+
+    if args.model:
+        config = AutoConfig.from_pretrained(args.model, local_files_only=True)
+        name = args.model
+    else:
+        if args.shape not in SHAPES:
+            raise ConfigError(f"unknown shape {args.shape!r}; allowed: {', '.join(SHAPES)}")
+        h, i, n, heads, kv, vocab = SHAPES[args.shape]
+        config = LlamaConfig(
+            hidden_size=h,
+            intermediate_size=i,
+            num_hidden_layers=n,
+            num_attention_heads=heads,
+            num_key_value_heads=kv,
+            vocab_size=vocab,
+            tie_word_embeddings=args.shape == "smollm2-135m",
+        )
+        name = args.shape
+    fields = {f.name for f in dataclasses.fields(OMoEConfig)}
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(fields))}")
+        overrides[key] = _parse_value(value)
+    adapters = {k: OMoEConfig(**v) for k, v in ({"custom": overrides} if overrides else BASELINES).items()}
+    rows = []
+    for label, adapter in adapters.items():
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+        base = sum(p.numel() for p in model.parameters())
+        trainable, _ = get_omoe_model(model, adapter).get_nb_trainable_parameters()
+        rows.append(f"| {label} | {trainable:,d} | {100 * trainable / base:.3f} |")
+    print(f"Trainable parameters on {name} ({config.num_hidden_layers} blocks, built on the meta device)\n")
+    print("| adapter | trainable | % of base |\n|---|---:|---:|\n" + "\n".join(rows))
+    return 0
