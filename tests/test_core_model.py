@@ -342,3 +342,16 @@ def test_loading_into_the_wrong_method_is_refused(tmp_path):
     OMoEConfig().save_pretrained(tmp_path)  # claims omoe, holds lora tensors
     with pytest.raises(AdapterLoadError, match="does not fit this model"):
         OMoEModel.from_pretrained(_base(), tmp_path)
+
+
+@pytest.mark.parametrize("case", ["omoe-default", "omoe-linear", "dora"])
+def test_unload_restores_the_original_modules(case):
+    base = _base()
+    ids, mask = _batch()
+    ref = base(input_ids=ids, attention_mask=mask).logits
+    names = {n: type(m) for n, m in base.named_modules()}
+    model = get_omoe_model(base, OMoEConfig(**CASES[case]))
+    _perturb(model)
+    restored = model.unload()
+    assert {n: type(m) for n, m in restored.named_modules()} == names
+    assert torch.equal(restored(input_ids=ids, attention_mask=mask).logits, ref)

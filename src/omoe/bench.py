@@ -33,6 +33,11 @@ PRESETS = {
         hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
         num_key_value_heads=8, vocab_size=32000, batch=4, seq=256,
     ),
+    # For tests of the benchmark itself: seconds, numbers meaningless.
+    "tiny": dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=1000, batch=2, seq=32,
+    ),
     # The paper's LLaMA-2 7B shape, random bf16 weights (GPU).
     "llama2-7b": dict(
         hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
