@@ -151,6 +151,8 @@ def run(
     spec = dict(PRESETS[preset])
     batch_size, seq_len = batch or spec.pop("batch"), seq or spec.pop("seq")
     spec.pop("batch", None), spec.pop("seq", None)
+    if layers:
+        spec["num_hidden_layers"] = layers
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cpu":
         # Denormal floats (e.g. from SiLU's tails) make CPU arithmetic several times slower; the
@@ -183,6 +185,7 @@ def run(
         "steps": steps,
         "warmup": warmup,
         "r": r,
+        "layers": spec["num_hidden_layers"],
         "torch": torch.__version__,
     }
     return meta, results
@@ -192,7 +195,7 @@ def format_table(meta: dict, results: list[Result]) -> str:
     by = {r.variant: r for r in results}
     ref = by.get("peft-lora")
     lines = [
-        f"Training step (forward+backward+AdamW), {meta['preset']}, batch {meta['batch']}x{meta['seq']}, "
+        f"Training step (forward+backward+AdamW), {meta['preset']} ({meta['layers']} blocks), batch {meta['batch']}x{meta['seq']}, "
         f"{meta['device']}, {meta['dtype']} weights, autocast {meta['autocast']}, median of {meta['steps']} steps",
         "",
         "| variant | trainable | s/step | x PEFT LoRA | saved MiB | x PEFT LoRA | peak MiB | x PEFT LoRA |",
@@ -226,6 +229,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=None, help="sequences per step (preset default)")
     parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (preset default)")
     parser.add_argument("--r", type=int, default=16, help="LoRA rank of every variant")
+    parser.add_argument("--layers", type=int, default=None, help="override the preset's number of blocks")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--output", default=None, help="also write the results as JSON to this file")  # fmt: skip
 
@@ -237,7 +241,7 @@ def main_from_args(args: argparse.Namespace) -> int:
     bad = [v for v in variants if v not in VARIANTS]
     if bad or not variants:
         raise ConfigError(f"unknown variant(s) {', '.join(bad) or '(none)'}; allowed: {', '.join(VARIANTS)}")
-    for name in ("steps", "warmup", "batch", "seq", "r"):
+    for name in ("steps", "warmup", "batch", "seq", "r", "layers"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "warmup" else 1):
             raise ConfigError(f"--{name} must be >= {0 if name == 'warmup' else 1}, got {value}")
@@ -248,7 +252,17 @@ def main_from_args(args: argparse.Namespace) -> int:
         if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
         else "cpu-small"
     )
-    meta, results = run(preset, variants, args.steps, args.warmup, args.r, args.device, args.batch, args.seq)
+    meta, results = run(
+        preset,
+        variants,
+        args.steps,
+        args.warmup,
+        args.r,
+        args.device,
+        args.batch,
+        args.seq,
+        layers=args.layers,
+    )
     print(format_table(meta, results))
     if args.output:
         from omoe.utils import atomic_write_text
