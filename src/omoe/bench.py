@@ -144,7 +144,16 @@ def bench_variant(variant, model, batch, *, r, steps, warmup, autocast_dtype) ->
 
 
 def run(
-    preset="cpu-small", variants=VARIANTS, steps=5, warmup=2, r=16, device=None, batch=None, seq=None, seed=0
+    preset="cpu-small",
+    variants=VARIANTS,
+    steps=5,
+    warmup=2,
+    r=16,
+    device=None,
+    batch=None,
+    seq=None,
+    seed=0,
+    layers=None,
 ):
     from transformers import LlamaConfig, LlamaForCausalLM
 
