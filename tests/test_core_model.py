@@ -355,3 +355,31 @@ def test_unload_restores_the_original_modules(case):
     restored = model.unload()
     assert {n: type(m) for n, m in restored.named_modules()} == names
     assert torch.equal(restored(input_ids=ids, attention_mask=mask).logits, ref)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_ffn_topology_supports_other_llama_family_models(family):
+    import transformers
+
+    cls, cfg = {
+        "mistral": (transformers.MistralForCausalLM, transformers.MistralConfig),
+        "qwen2": (transformers.Qwen2ForCausalLM, transformers.Qwen2Config),
+    }[family]
+    torch.manual_seed(0)
+    base = cls(
+        cfg(
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=128,
+        )
+    ).eval()
+    ids, mask = _batch()
+    ref = base(input_ids=ids, attention_mask=mask).logits
+    model = get_omoe_model(copy.deepcopy(base), OMoEConfig())
+    assert len(model.moe_layers()) == 2
+    assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, ref)
+    trainable, _ = model.get_nb_trainable_parameters()
+    assert trainable > 0
