@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from omoe.data.loader import bundled_file, load_task
-from omoe.data.tasks import Task, get_task, parse_task_list
+from omoe.data.tasks import TASK_NAMES, Task, get_task, parse_task_list
 from omoe.errors import AdapterLoadError, ConfigError, OMoEError
 from omoe.eval.evaluate import evaluate, get_protocol
 
@@ -25,22 +25,36 @@ class EvalSpec:
     model: str = field(
         default="smollm2-135m-instruct", metadata={"help": "built-in name, .gguf file or HF directory"}
     )
-    protocol: str = field(default="generate", metadata={"help": "generate | label | loglik"})
+    protocol: str = field(
+        default="generate",
+        metadata={"help": "generate, label or loglik (accuracies are not comparable across them)"},
+    )
     tasks: str | None = field(
-        default=None, metadata={"help": "comma-separated bundled tasks, e.g. ARC-Easy,boolq"}
+        default=None, metadata={"help": f"comma-separated bundled tasks, from: {','.join(TASK_NAMES)}"}
     )
-    task: str | None = field(default=None, metadata={"help": "one task whose records come from data_file"})
-    data_file: str | None = field(default=None, metadata={"help": ".json/.json.gz file for `task`"})
+    task: str | None = field(default=None, metadata={"help": "one task whose records come from --data-file"})
+    data_file: str | None = field(
+        default=None, metadata={"help": ".json or .json.gz file of LLM-Adapters records for --task"}
+    )
     split: str | None = field(
-        default=None, metadata={"help": "bundled split (default: each task's test/sample split)"}
+        default=None,
+        metadata={"help": "bundled split for --tasks (default: test, or sample where only a sample ships)"},
     )
-    adapter: str | None = field(default=None, metadata={"help": "adapter directory with adapter_config.json"})
-    limit: int | None = field(default=None, metadata={"help": "evaluate the first N records of each task"})
+    adapter: str | None = field(
+        default=None, metadata={"help": "saved omoe adapter directory (adapter_config.json + weights)"}
+    )
+    limit: int | None = field(
+        default=None, metadata={"help": "evaluate only the first N records of each task (file order)"}
+    )
     batch_size: int = field(default=8, metadata={"help": "prompts per forward/generate call"})
-    seed: int = field(default=0, metadata={"help": "torch seed (recorded; greedy decoding does not use it)"})
+    seed: int = field(
+        default=0, metadata={"help": "torch seed, recorded in the output (greedy decoding does not use it)"}
+    )
     max_new_tokens: int = field(default=32, metadata={"help": "generate only: generation length limit"})
     num_beams: int = field(default=1, metadata={"help": "generate only: 1 = greedy"})
-    dtype: str | None = field(default=None, metadata={"help": "float32 (default), bfloat16, float16"})
+    dtype: str | None = field(
+        default=None, metadata={"help": "float32 (when not given), bfloat16 or float16"}
+    )
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:0, ..."})
 
     def __post_init__(self) -> None:
