@@ -58,7 +58,13 @@ class OMoEModel(nn.Module):
         return outputs
 
     def generate(self, *args, **kwargs):
-        return self.base_model.generate(*args, **kwargs)
+        """The wrapped model's ``generate``; router statistics of the prompt pass skip padding."""
+        mask = kwargs.get("attention_mask")
+        self._token_mask.mask = None if mask is None else mask.reshape(-1).bool()
+        try:
+            return self.base_model.generate(*args, **kwargs)
+        finally:
+            self._token_mask.mask = None
 
     def __getattr__(self, name: str):
         try:
