@@ -131,6 +131,13 @@ class LoRAExperts(nn.Module):
         )
 
 
+def without_bias(y: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+    """``W0 x`` from the frozen module's output ``y = W0 x + b``, flattened to ``(N, out)``."""
+    y = y.reshape(-1, y.shape[-1])
+    bias = getattr(base_layer, "bias", None)
+    return y - bias if bias is not None else y
+
+
 def _frozen_matmul(base_layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``W0 x`` without the bias, computed by calling the frozen module (FSDP-friendly)."""
     y = base_layer(x)

@@ -28,9 +28,9 @@ def gram_schmidt(
             B = 0 at initialisation) maps to exactly zero, and the map stays smooth there.
 
     Returns:
-        float32 tensor with the shape of ``reps``.
+        float32 tensor with the shape of ``reps`` (float64 for float64 input, as in gradient checks).
     """
-    v = reps.float()
+    v = reps.to(torch.promote_types(reps.dtype, torch.float32))
     eps2 = eps * eps
     basis: list[torch.Tensor] = []  # unit vectors q_0 .. q_{s-1}, each (..., d)
     out: list[torch.Tensor] = []

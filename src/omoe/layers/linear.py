@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from omoe.layers.experts import LoRAExperts
+from omoe.layers.experts import LoRAExperts, without_bias
 
 
 class AdapterLinear(nn.Module):
@@ -22,11 +22,7 @@ class AdapterLinear(nn.Module):
         if self.disabled:
             return y
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        base_out = None
-        if self.omoe_lora.is_dora:
-            base_out = y.reshape(-1, y.shape[-1])
-            if self.base_layer.bias is not None:
-                base_out = base_out - self.base_layer.bias
+        base_out = without_bias(y, self.base_layer) if self.omoe_lora.is_dora else None
         delta = self.omoe_lora(x2, None, base_out, self.base_layer)[0]  # (N, out)
         return y + delta.view(y.shape).to(y.dtype)
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from omoe.layers.experts import LoRAExperts, _frozen_matmul
+from omoe.layers.experts import LoRAExperts, _frozen_matmul, without_bias
 from omoe.layers.mixing import ExpertMixer
 from omoe.layers.router import Router, RouterStats, Routing
 
@@ -109,11 +109,7 @@ class MoELinear(MoELayer):
             return y
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         routing = self.route(x2)
-        base_out = None
-        if self.omoe_experts.is_dora:
-            base_out = y.reshape(-1, y.shape[-1])
-            if self.base_layer.bias is not None:
-                base_out = base_out - self.base_layer.bias
+        base_out = without_bias(y, self.base_layer) if self.omoe_experts.is_dora else None
         reps = self.omoe_experts(x2, routing.indices, base_out, self.base_layer)  # (S, N, out)
         return y + self.mix(reps, routing).view(y.shape).to(y.dtype)
 
