@@ -154,6 +154,7 @@ def run(
     seq=None,
     seed=0,
     layers=None,
+    rounds=1,
 ):
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -175,13 +176,27 @@ def run(
         p.requires_grad_(False)
     ids = torch.randint(0, spec["vocab_size"], (batch_size, seq_len), device=device)
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
-    results = []
-    for v in variants:
-        torch.manual_seed(seed)
-        results.append(
-            bench_variant(v, model, ids, r=r, steps=steps, warmup=warmup, autocast_dtype=autocast_dtype)
+    # Variants take turns, round after round, so that drifts of the machine (other processes,
+    # clocks, caches) fall on every variant alike; a variant's time is its median over rounds.
+    runs: dict[str, list[Result]] = {v: [] for v in variants}
+    for round_ in range(rounds):
+        for v in variants:
+            torch.manual_seed(seed)
+            res = bench_variant(v, model, ids, r=r, steps=steps, warmup=warmup, autocast_dtype=autocast_dtype)
+            runs[v].append(res)
+            print(
+                f"  round {round_ + 1}/{rounds} {v:10s} {res.step_s:.4f} s/step", file=sys.stderr, flush=True
+            )
+    results = [
+        Result(
+            v,
+            rs[0].trainable,
+            statistics.median(r.step_s for r in rs),
+            rs[0].saved_mib,
+            None if rs[0].peak_mib is None else max(r.peak_mib for r in rs),
         )
-        print(f"  {v:10s} {results[-1].step_s:.4f} s/step", file=sys.stderr, flush=True)
+        for v, rs in runs.items()
+    ]
     meta = {
         "preset": preset,
         "device": torch.cuda.get_device_name(device)
@@ -193,6 +208,7 @@ def run(
         "seq": seq_len,
         "steps": steps,
         "warmup": warmup,
+        "rounds": rounds,
         "r": r,
         "layers": spec["num_hidden_layers"],
         "torch": torch.__version__,
@@ -205,7 +221,7 @@ def format_table(meta: dict, results: list[Result]) -> str:
     ref = by.get("peft-lora")
     lines = [
         f"Training step (forward+backward+AdamW), {meta['preset']} ({meta['layers']} blocks), batch {meta['batch']}x{meta['seq']}, "
-        f"{meta['device']}, {meta['dtype']} weights, autocast {meta['autocast']}, median of {meta['steps']} steps",
+        f"{meta['device']}, {meta['dtype']} weights, autocast {meta['autocast']}, median of {meta['rounds']} rounds x {meta['steps']} steps",
         "",
         "| variant | trainable | s/step | x PEFT LoRA | saved MiB | x PEFT LoRA | peak MiB | x PEFT LoRA |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -239,6 +255,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (preset default)")
     parser.add_argument("--r", type=int, default=16, help="LoRA rank of every variant")
     parser.add_argument("--layers", type=int, default=None, help="override the preset's number of blocks")
+    parser.add_argument("--rounds", type=int, default=3, help="variants take turns this many times; medians")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--output", default=None, help="also write the results as JSON to this file")  # fmt: skip
 
@@ -250,7 +267,7 @@ def main_from_args(args: argparse.Namespace) -> int:
     bad = [v for v in variants if v not in VARIANTS]
     if bad or not variants:
         raise ConfigError(f"unknown variant(s) {', '.join(bad) or '(none)'}; allowed: {', '.join(VARIANTS)}")
-    for name in ("steps", "warmup", "batch", "seq", "r", "layers"):
+    for name in ("steps", "warmup", "batch", "seq", "r", "layers", "rounds"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "warmup" else 1):
             raise ConfigError(f"--{name} must be >= {0 if name == 'warmup' else 1}, got {value}")

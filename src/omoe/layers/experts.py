@@ -37,7 +37,7 @@ def expert_matmul(x: torch.Tensor, weight: torch.Tensor, indices: torch.Tensor |
     """
     if indices is None:
         if weight.shape[0] == 1:
-            return F.linear(x, weight[0])
+            return F.linear(x, weight.squeeze(0))  # squeeze, not [0]: a view in backward too
         return torch.bmm(x, weight.transpose(1, 2))  # (S, N, d_in) @ (S, d_in, d_out)
     # Grouped matmul: sort the (slot, token) pairs by expert, one matmul per expert (loop over
     # experts, never over tokens), then undo the sort.

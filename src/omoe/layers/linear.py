@@ -23,7 +23,7 @@ class AdapterLinear(nn.Module):
             return y
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         base_out = without_bias(y, self.base_layer) if self.omoe_lora.is_dora else None
-        delta = self.omoe_lora(x2, None, base_out, self.base_layer)[0]  # (N, out)
+        delta = self.omoe_lora(x2, None, base_out, self.base_layer).squeeze(0)  # (N, out)
         return y + delta.view(y.shape).to(y.dtype)
 
     @torch.no_grad()
