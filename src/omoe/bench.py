@@ -288,6 +288,7 @@ def main_from_args(args: argparse.Namespace) -> int:
         args.batch,
         args.seq,
         layers=args.layers,
+        rounds=args.rounds,
     )
     print(format_table(meta, results))
     if args.output:
