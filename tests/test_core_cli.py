@@ -50,6 +50,7 @@ def test_bench_runs_every_variant_on_one_base_and_writes_json(tmp_path, capsys):
     ]
     assert main(argv) == 0
     data = json.loads(out.read_text())
+    assert data["meta"]["rounds"] == 2
     results = {r["variant"]: r for r in data["results"]}
     assert list(results) == ["base", "lora", "peft-lora", "omoe"]
     assert results["base"]["trainable"] == 0
