@@ -43,6 +43,8 @@ def test_bench_runs_every_variant_on_one_base_and_writes_json(tmp_path, capsys):
         "1",
         "--warmup",
         "0",
+        "--rounds",
+        "2",
         "--device",
         "cpu",
         "--output",
