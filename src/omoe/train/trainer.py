@@ -1,0 +1,409 @@
+"""The training loop: ``train(TrainConfig) -> TrainResult``.
+
+One optimizer step sees one global batch (``optim.global_batch_size`` examples over all processes).
+Its loss is the mean token cross-entropy over the whole global batch: each micro-batch's summed
+token loss is divided by the global batch's token count, known in advance on every process, so
+the gradient does not depend on how the batch is split into micro-batches or processes. With
+``router_aux_loss_coef`` > 0 the mean over micro-batches of the router's load-balancing loss, times
+the coefficient, is added (the ``aux_loss`` column logs that mean whatever the coefficient).
+
+Dropout masks are drawn after seeding torch with ``(seed, step, micro-batch number)``, so they do
+not depend on the number of processes or on where a run was resumed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from omoe.data.tokenize import IGNORE_INDEX
+from omoe.errors import ConfigError, OMoEError
+from omoe.train import checkpoint as ckpt
+from omoe.train import distributed
+from omoe.train.config import TrainConfig
+from omoe.train.data import TrainData, build_train_data, load_training_records
+from omoe.train.metrics import MetricsLogger
+from omoe.utils import atomic_write_text
+
+CONFIG_FILE = "train_config.yaml"
+RESULTS_FILE = "train_results.json"
+# Fields that may differ between a run and its resumption (they do not change the numbers).
+_RESUME_FREE = (
+    "output_dir",
+    "device",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "gradient_checkpointing",
+    "logging.",
+)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the trained model (eval mode) and a summary of the run."""
+
+    model: torch.nn.Module
+    output_dir: Path
+    steps: int
+    num_examples: int
+    num_truncated: int
+    history: list[dict] = field(default_factory=list)  # one row per step run by this call
+
+    @property
+    def final_loss(self) -> float | None:
+        return self.history[-1]["loss"] if self.history else None
+
+
+def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
+    """Multiplier of the peak lr at optimizer step ``step`` (0-based).
+
+    Linear warmup reaches the peak at step ``warmup - 1`` (the first step already moves), then
+    ``linear``/``cosine`` decay towards 0 at step ``total``; ``constant`` stays at the peak.
+    """
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0 - progress
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device``; None = plain fp32."""
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
+        return None
+    if device.type != "cuda" and precision == "fp16":
+        raise ConfigError("precision fp16 needs CUDA; on CPU use fp32 (default) or bf16")
+    if precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def train(
+    config: TrainConfig,
+    *,
+    model=None,
+    tokenizer=None,
+    resume: bool = False,
+    records: list[dict] | None = None,
+) -> TrainResult:
+    """Train an adapter as ``config`` says; write it, its config and metrics into ``output_dir``.
+
+    Args:
+        model, tokenizer: an in-memory base model (a Hugging Face causal LM, not yet wrapped) and its
+            tokenizer, instead of loading ``config.model``; the adapter is injected into ``model``.
+        resume: continue from the newest checkpoint in ``output_dir/checkpoints``.
+        records: training records instead of those ``config.data`` names.
+
+    Under ``torchrun``/``accelerate launch`` every process calls this; only rank 0 writes files.
+    """
+    info = distributed.setup(config.device)
+    try:
+        return _train(config, info, model, tokenizer, resume, records)
+    finally:
+        distributed.teardown(info)
+
+
+def _train(config: TrainConfig, info: distributed.DistInfo, model, tokenizer, resume, records) -> TrainResult:
+    out = Path(config.output_dir)
+    device = info.device
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)  # SiLU tails produce denormals; flushing them is 3-4x faster
+    amp_dtype = autocast_dtype(config.precision, device)
+    accum = config.optim.accumulation_steps(info.world_size)
+    if (model is None) != (tokenizer is None):
+        raise ConfigError("pass both model and tokenizer, or neither (then config.model is loaded)")
+
+    resume_from = _check_output_dir(out, resume)
+    say = _printer(info)
+    if records is None:
+        records = load_training_records(config.data, config.seed)  # bad data fails before the model loads
+    if model is None:
+        from omoe.models import load_model
+
+        model, tokenizer = load_model(config.model, device=device)
+    model.to(device)
+
+    data = build_train_data(
+        tokenizer,
+        records,
+        config.data,
+        config.optim.global_batch_size,
+        config.optim.micro_batch_size,
+        config.seed,
+    )
+    total_steps = config.optim.max_steps or config.optim.epochs * data.steps_per_epoch
+    warmup = config.optim.warmup_for(total_steps)
+    say(
+        f"{len(data.examples):,d} training examples, {data.num_truncated:,d} truncated at cutoff_len "
+        f"{config.data.cutoff_len}; {total_steps:,d} optimizer steps ({data.steps_per_epoch:,d} per epoch) of "
+        f"{config.optim.global_batch_size} = {info.world_size} process(es) x {accum} micro-batch(es) x "
+        f"{config.optim.micro_batch_size}; warmup {warmup}, {config.optim.schedule} schedule"
+    )
+
+    from omoe.tuners.model import OMoEModel, get_omoe_model
+
+    if isinstance(model, OMoEModel):
+        raise ConfigError("pass the base model; train() injects the adapter of config.adapter itself")
+    torch.manual_seed(config.seed)
+    model = get_omoe_model(model, config.adapter)
+    model.to(device)
+    model.train()
+    if config.gradient_checkpointing:
+        base = model.base_model
+        if not hasattr(base, "gradient_checkpointing_enable"):
+            raise ConfigError(f"{type(base).__name__} does not support gradient checkpointing")
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if getattr(base, "config", None) is not None:
+            base.config.use_cache = False
+    params = [p for p in model.parameters() if p.requires_grad]
+    distributed.broadcast_parameters(params, info)
+    trainable = sum(p.numel() for p in params)
+    say(
+        f"method {config.adapter.method}: {trainable:,d} trainable parameters; device {device}, autocast {amp_dtype or 'off (fp32)'}"
+    )
+
+    o = config.optim
+    optimizer = torch.optim.AdamW(
+        params, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, weight_decay=o.weight_decay
+    )
+
+    def factor(step: int) -> float:
+        return lr_factor(step, warmup, total_steps, o.schedule)
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    start_step, elapsed0, tokens_seen = 0, 0.0, 0
+    if resume_from is not None:
+        state, saved = ckpt.load_checkpoint(resume_from, model)
+        _check_resumable(saved, config, resume_from)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        ckpt.set_rng_state(state["rng"])
+        start_step, elapsed0, tokens_seen = saved["step"], saved["elapsed_s"], saved["tokens"]
+        say(f"resuming from {resume_from} (step {start_step} of {total_steps})")
+
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_partial(out)
+        atomic_write_text(
+            out / CONFIG_FILE, config.to_yaml(header=f"Resolved config of this run (omoe {_version()}).")
+        )
+    logger = MetricsLogger(out, start_step, config.logging.tensorboard) if info.is_main else None
+    bar = tqdm(
+        total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, file=sys.stderr,
+        disable=not (info.is_main and config.logging.progress),
+    )  # fmt: skip
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    autocast = (
+        (lambda: torch.autocast(device_type=device.type, dtype=amp_dtype))
+        if amp_dtype is not None
+        else contextlib.nullcontext
+    )
+    coef = config.adapter.router_aux_loss_coef
+    history: list[dict] = []
+    clock = time.perf_counter()
+    try:
+        for step in range(start_step, total_steps):
+            t0 = time.perf_counter()
+            lm_sum, aux_sum = _accumulate(
+                model, data, step, info, pad_id, autocast, coef, scaler, config.seed, config.adapter.is_moe
+            )
+            distributed.all_reduce_gradients(params, info)
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm or float("inf"))
+            lr = scheduler.get_last_lr()[0]
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            lm_sum, aux_sum = distributed.all_reduce_sum([lm_sum, aux_sum], info, device)
+            step_tokens = data.batch_tokens(step)
+            tokens_seen += step_tokens
+            seconds = time.perf_counter() - t0
+            row = {
+                "step": step + 1,
+                "epoch": round((step + 1) / data.steps_per_epoch, 4),
+                "loss": lm_sum / max(1, data.batch_loss_tokens(step)),
+                "aux_loss": aux_sum / data.num_micro_batches(step) if config.adapter.is_moe else None,
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "tokens": tokens_seen,
+                "tokens_per_s": step_tokens / seconds,
+                "elapsed_s": round(elapsed0 + time.perf_counter() - clock, 3),
+            }
+            history.append(row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+            if logger is not None and ((step + 1) % config.logging.log_every == 0 or step + 1 == total_steps):
+                logger.log(row)
+            if not math.isfinite(row["loss"]):
+                raise OMoEError(f"the loss became {row['loss']} at step {step + 1}; lower optim.lr")
+            if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+                if info.is_main:
+                    _save(
+                        out,
+                        step + 1,
+                        model,
+                        optimizer,
+                        scheduler,
+                        scaler,
+                        data,
+                        config,
+                        info,
+                        row,
+                        tokens_seen,
+                    )
+                distributed.barrier(info)
+    finally:
+        bar.close()
+        if logger is not None:
+            logger.close()
+
+    model.eval()
+    if info.is_main:
+        model.save_pretrained(out)
+        summary = {
+            "steps": total_steps,
+            "epochs": round(total_steps / data.steps_per_epoch, 4),
+            "num_examples": len(data.examples),
+            "num_truncated": data.num_truncated,
+            "cutoff_len": config.data.cutoff_len,
+            "world_size": info.world_size,
+            "trainable_parameters": trainable,
+            "final_loss": history[-1]["loss"] if history else None,
+            "elapsed_s": round(elapsed0 + time.perf_counter() - clock, 3),
+            "tokens": tokens_seen,
+            "resumed_from": str(resume_from) if resume_from else None,
+        }
+        atomic_write_text(out / RESULTS_FILE, json.dumps(summary, indent=2) + "\n")
+        say(f"wrote the adapter, {CONFIG_FILE}, metrics.jsonl/.csv and {RESULTS_FILE} to {out}")
+    distributed.barrier(info)
+    return TrainResult(model, out, total_steps, len(data.examples), data.num_truncated, history)
+
+
+def _accumulate(model, data: TrainData, step, info, pad_id, autocast, coef, scaler, seed, is_moe):
+    """Forward/backward this process's micro-batches of ``step``; return (summed token loss, summed aux)."""
+    device = info.device
+    n_tokens = max(1, data.batch_loss_tokens(step))
+    n_micro = data.num_micro_batches(step)
+    lm_total = torch.zeros((), dtype=torch.float64, device=device)
+    aux_total = torch.zeros((), dtype=torch.float64, device=device)
+    for m, indices in data.micro_batches(step, info.rank, info.world_size):
+        torch.manual_seed(_micro_seed(seed, step, m))
+        batch = {k: v.to(device) for k, v in data.collate(indices, pad_id).items()}
+        with autocast():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        # (B, T, V) logits at t predict the token at t+1
+        targets = F.pad(batch["labels"], (0, 1), value=IGNORE_INDEX)[:, 1:]  # (B, T)
+        lm = F.cross_entropy(
+            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+        )
+        loss = lm / n_tokens
+        if is_moe:
+            aux = model.aux_loss()
+            aux_total += aux.detach().double()
+            if coef > 0:
+                loss = loss + coef * aux / n_micro
+        scaler.scale(loss).backward()
+        lm_total += lm.detach().double()
+    return lm_total.item(), aux_total.item()
+
+
+def _micro_seed(seed: int, step: int, micro: int) -> int:
+    return ((seed * 1_000_003 + step) * 1_009 + micro) % (2**63)
+
+
+def _save(out, step, model, optimizer, scheduler, scaler, data, config, info, row, tokens_seen) -> None:
+    epoch, index = data.position(step)
+    state = {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+        "rng": ckpt.rng_state(),
+    }
+    meta = {
+        "step": step,
+        "epoch": epoch,
+        "index": index,
+        "elapsed_s": row["elapsed_s"],
+        "tokens": tokens_seen,
+        "loss": row["loss"],
+        "world_size": info.world_size,
+        "omoe_version": _version(),
+        "config": config.to_dict(),
+    }
+    ckpt.save_checkpoint(out, step, model, state, meta, keep=config.keep_checkpoints)
+
+
+def _check_output_dir(out: Path, resume: bool) -> Path | None:
+    latest = ckpt.latest_checkpoint(out)
+    if resume:
+        if latest is None:
+            raise ConfigError(
+                f"--resume: no checkpoint in {out / ckpt.CHECKPOINTS} (checkpoints are written every "
+                "checkpoint_every steps; 0 writes none)"
+            )
+        return latest
+    from omoe.tuners.model import WEIGHTS_NAME
+
+    if latest is not None or (out / WEIGHTS_NAME).exists():
+        raise ConfigError(
+            f"output_dir {out} already holds a training run; pass --resume to continue it, "
+            "or choose another output_dir"
+        )
+    return None
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[f"{prefix}{k}"] = v
+    return flat
+
+
+def _check_resumable(saved: dict, config: TrainConfig, path: Path) -> None:
+    old, new = _flatten(saved["config"]), _flatten(config.to_dict())
+    differ = [
+        k for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k) and not k.startswith(_RESUME_FREE)
+    ]  # fmt: skip
+    if differ:
+        shown = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in differ)
+        raise ConfigError(
+            f"cannot resume {path}: the config differs in {shown}; a resume continues the same run "
+            "(start a new output_dir to change them)"
+        )
+
+
+def _printer(info: distributed.DistInfo):
+    def say(message: str) -> None:
+        if info.is_main:
+            tqdm.write(f"omoe train: {message}", file=sys.stderr)
+
+    return say
+
+
+def _version() -> str:
+    from omoe import __version__
+
+    return __version__
