@@ -292,7 +292,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls, aliases: dict[str, str] 
     for key, f, tp in leaves(cls):
         section = key.rpartition(".")[0]
         if section not in groups:
-            title = f"{section} options" if section else "options"
+            title = f"{section} options" if section else "config keys"
             doc = section_doc(_section_class(cls, section)) if section else None
             groups[section] = parser.add_argument_group(title, doc)
         default = _get_dotted(defaults, key)

@@ -161,12 +161,7 @@ def _train(config: TrainConfig, info: distributed.DistInfo, model, tokenizer, re
     model.to(device)
     model.train()
     if config.gradient_checkpointing:
-        base = model.base_model
-        if not hasattr(base, "gradient_checkpointing_enable"):
-            raise ConfigError(f"{type(base).__name__} does not support gradient checkpointing")
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if getattr(base, "config", None) is not None:
-            base.config.use_cache = False
+        _enable_checkpointing(model.base_model)
     params = [p for p in model.parameters() if p.requires_grad]
     distributed.broadcast_parameters(params, info)
     trainable = sum(p.numel() for p in params)
@@ -324,6 +319,19 @@ def _accumulate(model, data: TrainData, step, info, pad_id, autocast, coef, scal
         scaler.scale(loss).backward()
         lm_total += lm.detach().double()
     return lm_total.item(), aux_total.item()
+
+
+def _enable_checkpointing(base) -> None:
+    """Recompute each block in backward (non-reentrant: no need for inputs that require grad)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.x
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(base, "gradient_checkpointing_enable"):
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ConfigError(f"{type(base).__name__} does not support gradient checkpointing")
+    if getattr(base, "config", None) is not None:
+        base.config.use_cache = False
 
 
 def _micro_seed(seed: int, step: int, micro: int) -> int:
