@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file
 
 from omoe.errors import ConfigError
+from omoe.train import fsdp
 
 CHECKPOINTS = "checkpoints"
 STATE_PT = "trainer_state.pt"
@@ -98,9 +99,74 @@ def set_rng_state(state: dict) -> None:
             torch.cuda.set_rng_state_all(cuda)
 
 
+# ---------------------------------------------------------------------------- optimizer and adapter
+def optimizer_state(optimizer: torch.optim.Optimizer, names: list[str]) -> dict:
+    """The optimizer's state keyed by parameter name, with full tensors (gathered under FSDP).
+
+    Collective under FSDP: every process must call it. ``names[i]`` names the optimizer's i-th parameter.
+    """
+    sd = optimizer.state_dict()
+    state = {
+        names[i]: {k: fsdp.full(v).detach().cpu() if torch.is_tensor(v) else v for k, v in s.items()}
+        for i, s in sd["state"].items()
+    }
+    groups = [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer, params: list, names: list[str], saved: dict
+) -> None:
+    """Inverse of :func:`optimizer_state` (tensors re-sharded like their parameters under FSDP)."""
+    index = {n: i for i, n in enumerate(names)}
+    unknown = sorted(set(saved["state"]) - set(index))
+    if unknown:
+        raise ConfigError(
+            f"checkpoint optimizer state names parameter {unknown[0]!r}, which this model lacks"
+        )
+    state = {
+        index[n]: {k: fsdp.like(v, params[index[n]]) if torch.is_tensor(v) else v for k, v in s.items()}
+        for n, s in saved["state"].items()
+    }
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in saved["param_groups"]]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def adapter_tensors(model) -> dict[str, torch.Tensor]:
+    """Full CPU copies of the adapter's tensors (collective under FSDP)."""
+    return {k: fsdp.full(v).detach().cpu().contiguous() for k, v in model.adapter_state_dict().items()}
+
+
+def save_adapter(directory: str | Path, model, tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """``model.save_pretrained(directory)``, or the same two files from gathered ``tensors`` (FSDP)."""
+    if tensors is None:
+        model.save_pretrained(directory)
+        return
+    from safetensors.torch import save_file
+
+    from omoe import __version__
+    from omoe.config import CONFIG_NAME
+    from omoe.tuners.model import WEIGHTS_NAME
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    base_name = getattr(getattr(model.base_model, "config", None), "_name_or_path", None)
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".tmp-") as tmp:
+        save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+        model.omoe_config.save_pretrained(tmp, omoe_version=__version__, base_model_name_or_path=base_name)
+        os.replace(os.path.join(tmp, WEIGHTS_NAME), directory / WEIGHTS_NAME)
+        os.replace(os.path.join(tmp, CONFIG_NAME), directory / CONFIG_NAME)
+
+
 # ---------------------------------------------------------------------------- save / load
 def save_checkpoint(
-    output_dir: str | Path, step: int, model, tensors_state: dict, info: dict, keep: int
+    output_dir: str | Path,
+    step: int,
+    model,
+    tensors_state: dict,
+    info: dict,
+    keep: int,
+    adapter: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically and prune all but the newest ``keep``.
 
@@ -108,13 +174,14 @@ def save_checkpoint(
         model: the :class:`~omoe.tuners.model.OMoEModel` (its adapter weights are saved).
         tensors_state: optimizer/scheduler/scaler/RNG states (plain containers of tensors and numbers).
         info: JSON-serialisable run state (step, data position, config, ...).
+        adapter: gathered adapter tensors (under FSDP); None = take them from ``model``.
     """
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:08d}-", dir=root))
     try:
-        model.save_pretrained(tmp)
+        save_adapter(tmp, model, adapter)
         torch.save(tensors_state, tmp / STATE_PT)
         (tmp / STATE_JSON).write_text(json.dumps(info, indent=2) + "\n")
         for p in tmp.iterdir():
@@ -134,7 +201,7 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: str | Path, model) -> tuple[dict, dict]:
-    """Load the adapter weights into ``model``; return ``(tensors_state, info)``.
+    """Load the adapter weights into ``model`` (not yet sharded); return ``(tensors_state, info)``.
 
     ``trainer_state.pt`` is read with ``weights_only=True``: a file holding anything but tensors and
     plain containers is refused rather than unpickled.

@@ -224,6 +224,13 @@ class TrainConfig:
         default=False,
         metadata={"help": "recompute each transformer block in backward: less memory, ~30% slower"},
     )
+    fsdp: bool = field(
+        default=False,
+        metadata={
+            "help": "with several processes, shard base weights and adapter with FSDP2 (fully_shard) instead "
+            "of replicating them; `accelerate launch` with configs/accelerate_fsdp.yaml turns it on"
+        },
+    )
     checkpoint_every: int = field(
         default=0,
         metadata={"help": "write a resumable checkpoint every N optimizer steps (0 = never)"},

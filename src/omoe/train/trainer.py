@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from omoe.data.tokenize import IGNORE_INDEX
 from omoe.errors import ConfigError, OMoEError
 from omoe.train import checkpoint as ckpt
-from omoe.train import distributed
+from omoe.train import distributed, fsdp
 from omoe.train.config import TrainConfig
 from omoe.train.data import TrainData, build_train_data, load_training_records
 from omoe.train.metrics import MetricsLogger
@@ -39,6 +39,7 @@ RESULTS_FILE = "train_results.json"
 # Fields that may differ between a run and its resumption (they do not change the numbers).
 _RESUME_FREE = (
     "output_dir",
+    "fsdp",
     "device",
     "checkpoint_every",
     "keep_checkpoints",
@@ -162,11 +163,22 @@ def _train(config: TrainConfig, info: distributed.DistInfo, model, tokenizer, re
     model.train()
     if config.gradient_checkpointing:
         _enable_checkpointing(model.base_model)
-    params = [p for p in model.parameters() if p.requires_grad]
-    distributed.broadcast_parameters(params, info)
+    state, saved = None, None
+    if resume_from is not None:  # adapter weights go in before any sharding
+        state, saved = ckpt.load_checkpoint(resume_from, model)
+        _check_resumable(saved, config, resume_from)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    distributed.broadcast_parameters([p for _, p in named], info)
+    sharded = fsdp.requested(config.fsdp) and info.enabled
+    if sharded:
+        wrapped = fsdp.shard(model.base_model, info)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # now DTensors
+        say(f"FSDP: sharded {', '.join(wrapped) or 'the model'} over {info.world_size} processes")
+    names, params = [n for n, _ in named], [p for _, p in named]
     trainable = sum(p.numel() for p in params)
     say(
-        f"method {config.adapter.method}: {trainable:,d} trainable parameters; device {device}, autocast {amp_dtype or 'off (fp32)'}"
+        f"method {config.adapter.method}: {trainable:,d} trainable parameters; device {device}, "
+        f"autocast {amp_dtype or 'off (fp32)'}"
     )
 
     o = config.optim
@@ -182,9 +194,7 @@ def _train(config: TrainConfig, info: distributed.DistInfo, model, tokenizer, re
 
     start_step, elapsed0, tokens_seen = 0, 0.0, 0
     if resume_from is not None:
-        state, saved = ckpt.load_checkpoint(resume_from, model)
-        _check_resumable(saved, config, resume_from)
-        optimizer.load_state_dict(state["optimizer"])
+        ckpt.load_optimizer_state(optimizer, params, names, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
@@ -217,11 +227,22 @@ def _train(config: TrainConfig, info: distributed.DistInfo, model, tokenizer, re
         for step in range(start_step, total_steps):
             t0 = time.perf_counter()
             lm_sum, aux_sum = _accumulate(
-                model, data, step, info, pad_id, autocast, coef, scaler, config.seed, config.adapter.is_moe
+                model,
+                data,
+                step,
+                info,
+                pad_id,
+                autocast,
+                coef,
+                scaler,
+                config.seed,
+                config.adapter.is_moe,
+                sharded,
             )
-            distributed.all_reduce_gradients(params, info)
+            if not sharded:  # FSDP reduce-scatters the gradients in backward
+                distributed.all_reduce_gradients(params, info)
             scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm or float("inf"))
+            grad_norm = fsdp.full(torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm or float("inf")))
             lr = scheduler.get_last_lr()[0]
             scaler.step(optimizer)
             scaler.update()
@@ -251,20 +272,20 @@ def _train(config: TrainConfig, info: distributed.DistInfo, model, tokenizer, re
             if not math.isfinite(row["loss"]):
                 raise OMoEError(f"the loss became {row['loss']} at step {step + 1}; lower optim.lr")
             if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
-                if info.is_main:
-                    _save(
-                        out,
-                        step + 1,
-                        model,
-                        optimizer,
-                        scheduler,
-                        scaler,
-                        data,
-                        config,
-                        info,
-                        row,
-                        tokens_seen,
-                    )
+                _save(
+                    out,
+                    step + 1,
+                    model,
+                    names,
+                    optimizer,
+                    scheduler,
+                    scaler,
+                    data,
+                    config,
+                    info,
+                    row,
+                    sharded,
+                )
                 distributed.barrier(info)
     finally:
         bar.close()
@@ -272,8 +293,9 @@ def _train(config: TrainConfig, info: distributed.DistInfo, model, tokenizer, re
             logger.close()
 
     model.eval()
+    adapter = ckpt.adapter_tensors(model) if sharded else None  # collective under FSDP
     if info.is_main:
-        model.save_pretrained(out)
+        ckpt.save_adapter(out, model, adapter)
         summary = {
             "steps": total_steps,
             "epochs": round(total_steps / data.steps_per_epoch, 4),
@@ -293,14 +315,21 @@ def _train(config: TrainConfig, info: distributed.DistInfo, model, tokenizer, re
     return TrainResult(model, out, total_steps, len(data.examples), data.num_truncated, history)
 
 
-def _accumulate(model, data: TrainData, step, info, pad_id, autocast, coef, scaler, seed, is_moe):
+def _accumulate(model, data: TrainData, step, info, pad_id, autocast, coef, scaler, seed, is_moe, sharded):
     """Forward/backward this process's micro-batches of ``step``; return (summed token loss, summed aux)."""
     device = info.device
     n_tokens = max(1, data.batch_loss_tokens(step))
     n_micro = data.num_micro_batches(step)
     lm_total = torch.zeros((), dtype=torch.float64, device=device)
     aux_total = torch.zeros((), dtype=torch.float64, device=device)
-    for m, indices in data.micro_batches(step, info.rank, info.world_size):
+    mine = [(m, indices, 1.0) for m, indices in data.micro_batches(step, info.rank, info.world_size)]
+    # FSDP gathers weights collectively in every forward: all processes must run as many micro-batches.
+    # FSDP also averages gradients over processes; our loss is a global-batch sum, so scale it back.
+    scale = float(info.world_size) if sharded else 1.0
+    if sharded:
+        first = data.micro_batches(step, 0, 1)[0]
+        mine += [(first[0], first[1], 0.0)] * (math.ceil(n_micro / info.world_size) - len(mine))
+    for m, indices, weight in mine:
         torch.manual_seed(_micro_seed(seed, step, m))
         batch = {k: v.to(device) for k, v in data.collate(indices, pad_id).items()}
         with autocast():
@@ -313,11 +342,11 @@ def _accumulate(model, data: TrainData, step, info, pad_id, autocast, coef, scal
         loss = lm / n_tokens
         if is_moe:
             aux = model.aux_loss()
-            aux_total += aux.detach().double()
+            aux_total += weight * aux.detach().double()
             if coef > 0:
                 loss = loss + coef * aux / n_micro
-        scaler.scale(loss).backward()
-        lm_total += lm.detach().double()
+        scaler.scale(loss * (weight * scale)).backward()
+        lm_total += weight * lm.detach().double()
     return lm_total.item(), aux_total.item()
 
 
@@ -338,10 +367,15 @@ def _micro_seed(seed: int, step: int, micro: int) -> int:
     return ((seed * 1_000_003 + step) * 1_009 + micro) % (2**63)
 
 
-def _save(out, step, model, optimizer, scheduler, scaler, data, config, info, row, tokens_seen) -> None:
+def _save(out, step, model, names, optimizer, scheduler, scaler, data, config, info, row, sharded) -> None:
+    """Write checkpoint ``step`` (gathering on every process under FSDP, writing on rank 0)."""
+    adapter = ckpt.adapter_tensors(model) if sharded else None
+    optim_state = ckpt.optimizer_state(optimizer, names)
+    if not info.is_main:
+        return
     epoch, index = data.position(step)
     state = {
-        "optimizer": optimizer.state_dict(),
+        "optimizer": optim_state,
         "scheduler": scheduler.state_dict(),
         "scaler": scaler.state_dict() if scaler.is_enabled() else {},
         "rng": ckpt.rng_state(),
@@ -351,13 +385,14 @@ def _save(out, step, model, optimizer, scheduler, scaler, data, config, info, ro
         "epoch": epoch,
         "index": index,
         "elapsed_s": row["elapsed_s"],
-        "tokens": tokens_seen,
+        "tokens": row["tokens"],
         "loss": row["loss"],
         "world_size": info.world_size,
+        "fsdp": sharded,
         "omoe_version": _version(),
         "config": config.to_dict(),
     }
-    ckpt.save_checkpoint(out, step, model, state, meta, keep=config.keep_checkpoints)
+    ckpt.save_checkpoint(out, step, model, state, meta, keep=config.keep_checkpoints, adapter=adapter)
 
 
 def _check_output_dir(out: Path, resume: bool) -> Path | None:
