@@ -18,3 +18,14 @@ def smollm2_tokenizer():
         return load_tokenizer("smollm2-135m-instruct")
     except (OMoEError, FileNotFoundError) as err:
         pytest.skip(f"SmolLM2 tokenizer unavailable: {err}")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
+    """A Hugging Face directory with the tiny random LLaMA and the SmolLM2 tokenizer (for subprocesses)."""
+    from omoe.models.testing import tiny_llama
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama(0).save_pretrained(path)
+    smollm2_tokenizer.save_pretrained(path)
+    return path

@@ -52,15 +52,6 @@ def run_tiny(tmp_path, tokenizer, name="run", seed=0, **overrides):
     return train(tiny_config(tmp_path, name, **overrides), model=tiny_llama(seed), tokenizer=tokenizer)
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
-    """A Hugging Face directory with the tiny LLaMA and the SmolLM2 tokenizer (for subprocess runs)."""
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_llama(0).save_pretrained(path)
-    smollm2_tokenizer.save_pretrained(path)
-    return path
-
-
 # ---------------------------------------------------------------------------- schedule
 def test_lr_schedule_warms_up_linearly_then_decays_to_zero():
     factors = [lr_factor(s, warmup=4, total=12, schedule="linear") for s in range(12)]

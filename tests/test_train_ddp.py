@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from omoe.models.testing import tiny_llama
 from omoe.train import checkpoint as ckpt
 from omoe.train import train
 from omoe.train.config import load_config
@@ -40,14 +39,6 @@ SETTINGS = {
     "device": "cpu",
 }
 LOSS_TOL = 1e-4  # 1 vs 2 processes sum the same terms in a different order (and with 1 vs 2 threads)
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_llama(0).save_pretrained(path)
-    smollm2_tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -3,30 +3,15 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from omoe.utils import atomic_write_text
 
 
 def predictions_path(output: str | Path) -> Path:
     """``results.json`` -> ``results.predictions.jsonl`` (same folder, same stem)."""
     output = Path(output)
     return output.with_name(f"{output.stem}.predictions.jsonl")
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path`` and rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_results(output: str | Path, results: dict, predictions: list[dict]) -> tuple[Path, Path]:

@@ -111,7 +111,8 @@ def optimizer_state(optimizer: torch.optim.Optimizer, names: list[str]) -> dict:
         for i, s in sd["state"].items()
     }
     groups = [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]]
-    return {"state": state, "param_groups": groups}
+    extra = {k: v for k, v in sd.items() if k not in ("state", "param_groups")}  # e.g. projector statistics
+    return {**extra, "state": state, "param_groups": groups}
 
 
 def load_optimizer_state(
@@ -129,7 +130,8 @@ def load_optimizer_state(
         for n, s in saved["state"].items()
     }
     groups = [{**g, "params": [index[n] for n in g["params"]]} for g in saved["param_groups"]]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    extra = {k: v for k, v in saved.items() if k not in ("state", "param_groups")}
+    optimizer.load_state_dict({**extra, "state": state, "param_groups": groups})
 
 
 def adapter_tensors(model) -> dict[str, torch.Tensor]:
@@ -138,24 +140,8 @@ def adapter_tensors(model) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(directory: str | Path, model, tensors: dict[str, torch.Tensor] | None = None) -> None:
-    """``model.save_pretrained(directory)``, or the same two files from gathered ``tensors`` (FSDP)."""
-    if tensors is None:
-        model.save_pretrained(directory)
-        return
-    from safetensors.torch import save_file
-
-    from omoe import __version__
-    from omoe.config import CONFIG_NAME
-    from omoe.tuners.model import WEIGHTS_NAME
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    base_name = getattr(getattr(model.base_model, "config", None), "_name_or_path", None)
-    with tempfile.TemporaryDirectory(dir=directory, prefix=".tmp-") as tmp:
-        save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
-        model.omoe_config.save_pretrained(tmp, omoe_version=__version__, base_model_name_or_path=base_name)
-        os.replace(os.path.join(tmp, WEIGHTS_NAME), directory / WEIGHTS_NAME)
-        os.replace(os.path.join(tmp, CONFIG_NAME), directory / CONFIG_NAME)
+    """``model.save_pretrained(directory)``, with gathered ``tensors`` under FSDP."""
+    model.save_pretrained(directory, state_dict=tensors)
 
 
 # ---------------------------------------------------------------------------- save / load

@@ -127,12 +127,20 @@ class OMoEModel(nn.Module):
         return {k: v for k, v in self.base_model.state_dict().items() if is_adapter_key(k)}
 
     # ------------------------------------------------------------------ save / load
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
+    def save_pretrained(
+        self, directory: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None
+    ) -> None:
         """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (adapter weights only),
-        atomically: a crash leaves either the previous files or the new ones."""
+        atomically: a crash leaves either the previous files or the new ones.
+
+        ``state_dict``: the adapter tensors to write instead of this model's own (as in PEFT), e.g.
+        full tensors gathered from FSDP shards.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.adapter_state_dict().items()}
+        if state_dict is None:
+            state_dict = self.adapter_state_dict()
+        tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
         base_name = getattr(getattr(self.base_model, "config", None), "_name_or_path", None)
         from omoe import __version__
 
