@@ -14,10 +14,16 @@ from pathlib import Path
 from omoe.config import OMoEConfig
 from omoe.data.tasks import get_task
 from omoe.errors import ConfigError
+from omoe.optim import OrthogonalConfig
 from omoe.train import options
 
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+OPTIMIZERS = ("adamw", "orthogonal")
+ORTHOGONAL_FSDP = (
+    "optim.optimizer 'orthogonal' does not support fsdp (its projections need each expert's whole A and B); "
+    "use several processes without fsdp (data parallel) or optim.optimizer adamw"
+)
 # The paper's multi-task mixture: the commonsense train sets that exist offline (PIQA ships none).
 PAPER_TASKS = ("ARC-Challenge", "ARC-Easy", "boolq", "openbookqa")
 
@@ -88,7 +94,8 @@ def _tasks():
 
 @dataclass
 class OptimConfig:
-    """Optimisation: AdamW with warmup and a decaying schedule."""
+    """Optimisation: AdamW (alone or inside the orthogonal expert optimizer) with warmup and a decaying
+    schedule."""
 
     lr: float = field(default=2e-4, metadata={"help": "peak learning rate of AdamW"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW's decoupled weight decay, >= 0"})
@@ -122,6 +129,14 @@ class OptimConfig:
     max_grad_norm: float | None = field(
         default=1.0, metadata={"help": "clip the global gradient norm to this; null = no clipping"}
     )
+    optimizer: str = field(
+        default="adamw",
+        metadata={
+            "help": f"one of {OPTIMIZERS}: plain AdamW, or AdamW inside the orthogonal expert optimizer "
+            "(Liu et al. 2023; moe/omoe only; options in optim.orthogonal)"
+        },
+    )
+    orthogonal: OrthogonalConfig = field(default_factory=OrthogonalConfig)
 
     def __post_init__(self) -> None:
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -154,6 +169,8 @@ class OptimConfig:
             raise ConfigError(f"unknown optim.schedule {self.schedule!r}; allowed: {', '.join(SCHEDULES)}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ConfigError(f"optim.max_grad_norm must be > 0 or null, got {self.max_grad_norm}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optim.optimizer {self.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
 
     def accumulation_steps(self, world_size: int) -> int:
         """Micro-batches per process per optimizer step; raises if the batch does not split evenly."""
@@ -259,6 +276,16 @@ class TrainConfig:
         ):
             raise ConfigError(f"checkpoint_every must be an integer >= 0, got {self.checkpoint_every!r}")
         _positive("keep_checkpoints", self.keep_checkpoints)
+        if self.optim.optimizer == "orthogonal":
+            if not self.adapter.is_moe:
+                raise ConfigError(
+                    f"optim.optimizer 'orthogonal' needs MoE experts, but adapter.method {self.adapter.method!r} "
+                    "has none; methods with experts: moe, omoe"
+                )
+            if self.adapter.num_experts < 2:
+                raise ConfigError("optim.optimizer 'orthogonal' needs adapter.num_experts >= 2")
+            if self.fsdp:
+                raise ConfigError(ORTHOGONAL_FSDP)
 
     # ------------------------------------------------------------------ (de)serialisation
     @classmethod

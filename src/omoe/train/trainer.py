@@ -29,7 +29,7 @@ from omoe.data.tokenize import IGNORE_INDEX
 from omoe.errors import ConfigError, OMoEError
 from omoe.train import checkpoint as ckpt
 from omoe.train import distributed, fsdp
-from omoe.train.config import TrainConfig
+from omoe.train.config import ORTHOGONAL_FSDP, TrainConfig
 from omoe.train.data import TrainData, build_train_data, load_training_records
 from omoe.train.metrics import MetricsLogger
 from omoe.utils import atomic_write_text
@@ -125,6 +125,8 @@ def _train(config: TrainConfig, info: distributed.DistInfo, model, tokenizer, re
     accum = config.optim.accumulation_steps(info.world_size)
     if (model is None) != (tokenizer is None):
         raise ConfigError("pass both model and tokenizer, or neither (then config.model is loaded)")
+    if config.optim.optimizer == "orthogonal" and fsdp.requested(config.fsdp) and info.enabled:
+        raise ConfigError(ORTHOGONAL_FSDP)  # fsdp: true is refused by the config; accelerate's env only here
 
     resume_from = _check_output_dir(out, resume)
     say = _printer(info)
@@ -185,6 +187,11 @@ def _train(config: TrainConfig, info: distributed.DistInfo, model, tokenizer, re
     optimizer = torch.optim.AdamW(
         params, lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, weight_decay=o.weight_decay
     )
+    if o.optimizer == "orthogonal":
+        from omoe.optim import OrthogonalExpertOptimizer
+
+        optimizer = OrthogonalExpertOptimizer(model, optimizer, o.orthogonal)
+        say(optimizer.describe())
 
     def factor(step: int) -> float:
         return lr_factor(step, warmup, total_steps, o.schedule)
@@ -291,6 +298,8 @@ def _train(config: TrainConfig, info: distributed.DistInfo, model, tokenizer, re
         bar.close()
         if logger is not None:
             logger.close()
+        if hasattr(optimizer, "remove_hooks"):
+            optimizer.remove_hooks()
 
     model.eval()
     adapter = ckpt.adapter_tensors(model) if sharded else None  # collective under FSDP
