@@ -124,3 +124,30 @@ def test_an_fsdp_checkpoint_resumes_in_one_process(tmp_path, tiny_model_dir, one
     )
     assert loss_diff <= LOSS_TOL
     assert weight_diff <= 1e-4
+
+
+ORTHOGONAL = {
+    "adapter.method": "moe",
+    "optim.optimizer": "orthogonal",
+    "optim.orthogonal.accumulate_steps": 2,
+    "optim.orthogonal.warmup_steps": 1,
+}
+
+
+def test_two_torchrun_processes_gather_the_orthogonal_statistics_like_one_process(tmp_path, tiny_model_dir):
+    """Accumulating steps 2-3, orthogonal step 4: on step 3 (2 examples) process 1 runs no micro-batch and
+    contributes no means to the gathered statistics."""
+    one = train(
+        load_config(
+            None,
+            {**SETTINGS, **ORTHOGONAL, "model": str(tiny_model_dir), "output_dir": str(tmp_path / "one")},
+        )
+    )
+    config = _write_config(tmp_path, tiny_model_dir, "ddp-orth", **ORTHOGONAL)
+    _launch([str(BIN / "torchrun"), "--nproc_per_node", "2"], config)
+    loss_diff, weight_diff = _compare(one, tmp_path / "ddp-orth")
+    print(
+        f"orthogonal, DDP 2 processes vs 1: max loss diff {loss_diff:.2e}, max weight diff {weight_diff:.2e}"
+    )
+    assert loss_diff <= LOSS_TOL
+    assert weight_diff <= 1e-4
