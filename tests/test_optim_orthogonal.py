@@ -22,6 +22,7 @@ from omoe.train import checkpoint as ckpt
 from omoe.train import train
 from omoe.train.config import load_config
 from omoe.train.metrics import read_metrics
+from omoe.train.trainer import _enable_checkpointing
 
 TINY = {
     "data.tasks": ["boolq"],
@@ -385,3 +386,39 @@ def test_a_resumed_orthogonal_run_reproduces_the_uninterrupted_run(tmp_path, smo
     la, lb = read_metrics(ref.output_dir / "metrics.jsonl"), read_metrics(out / "metrics.jsonl")
     assert [r["loss"] for r in la] == pytest.approx([r["loss"] for r in lb], abs=1e-6)
     assert json.loads((out / "train_results.json").read_text())["steps"] == 8
+
+
+def test_a_step_skipped_by_the_grad_scaler_does_not_advance_the_phase():
+    model = _moe(2, "soft", "ffn")
+    opt = OrthogonalExpertOptimizer(model, accumulate_steps=2)
+    scaler = torch.amp.GradScaler("cpu")
+    ids, mask = _batches(2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for mb, am in zip(ids[0], mask[0]):
+        scaler.scale(model(input_ids=mb, attention_mask=am, labels=mb).loss).backward()
+    assert all(len(s.pending) == 2 for s in opt.sources.values())
+    next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
+    scaler.step(opt)
+    scaler.update()
+    opt.zero_grad()
+    assert opt.steps == 0 and opt.phase == "accumulate"
+    assert all(not s.pending and int(s.count.max()) == 0 for s in opt.sources.values())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    for mb, am in zip(ids[1], mask[1]):
+        scaler.scale(model(input_ids=mb, attention_mask=am, labels=mb).loss).backward()
+    scaler.step(opt)
+    assert opt.steps == 1 and all(int(s.count.max()) == 2 for s in opt.sources.values())
+
+
+def test_activation_checkpointing_recomputation_adds_no_statistics():
+    model = _moe(2, "topk", "ffn")
+    _enable_checkpointing(model.base_model)  # the trainer's gradient_checkpointing: true
+    plain = _moe(2, "topk", "ffn")
+    opts = [OrthogonalExpertOptimizer(m) for m in (model, plain)]
+    ids, mask = _batches(1)
+    for m in (model, plain):
+        for mb, am in zip(ids[0], mask[0]):
+            m(input_ids=mb, attention_mask=am, labels=mb).loss.backward()
+    for key, source in opts[0].sources.items():
+        assert len(source.pending) == 2
+        torch.testing.assert_close(torch.stack(source.pending), torch.stack(opts[1].sources[key].pending))
