@@ -292,10 +292,12 @@ def test_eval_mode_and_no_hooks_collect_nothing():
     assert all(not s.pending for s in opt.sources.values())
 
 
-def test_state_dict_round_trip_continues_identically():
+@pytest.mark.parametrize(("project", "placement"), [("both", "factored"), ("B", "factored"), ("A", "full")])
+def test_state_dict_round_trip_continues_identically(project, placement):
     ids, mask = _batches(6)
     model = _moe(2, "soft", "ffn")
-    opt = OrthogonalExpertOptimizer(model, accumulate_steps=2)
+    options = {"accumulate_steps": 2, "project": project, "placement": placement}
+    opt = OrthogonalExpertOptimizer(model, **options)
     for t in range(2):
         _step(model, opt, ids[t], mask[t])
     saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
@@ -303,7 +305,7 @@ def test_state_dict_round_trip_continues_identically():
         _step(model, opt, ids[t], mask[t])
     other = _moe(2, "soft", "ffn")
     other.load_state_dict(saved_model)
-    other_opt = OrthogonalExpertOptimizer(other, accumulate_steps=2)
+    other_opt = OrthogonalExpertOptimizer(other, **options)
     other_opt.load_state_dict(saved_opt)
     assert other_opt.steps == 2 and other_opt.phase == "orthogonal"
     for t in range(2, 6):
@@ -422,3 +424,42 @@ def test_activation_checkpointing_recomputation_adds_no_statistics():
     for key, source in opts[0].sources.items():
         assert len(source.pending) == 2
         torch.testing.assert_close(torch.stack(source.pending), torch.stack(opts[1].sources[key].pending))
+
+
+def test_project_b_keeps_only_codes_and_makes_db_orthogonal_to_them():
+    """'B' alone stores the codes A_i x_j taken when each mean is collected (E x n x E r per module, no
+    in-dimension means), leaves A's update alone and projects dB_i away from the other experts' codes."""
+    model = _moe(2, "topk", "ffn", r=16)
+    opt = OrthogonalExpertOptimizer(model, accumulate_steps=2, alpha=1e-12, project="B")
+    assert all(s.X is None and s.P is None for s in opt.sources.values())
+    assert opt.memory_bytes == 2 * 3 * (2 * 64 * 2 * 16) * 4  # layers x modules x (E x n x E r) x fp32
+    ids, mask = _batches(3)
+    for t in range(2):
+        _step(model, opt, ids[t], mask[t])
+    codes = {g.name: opt.codes[g.name].directions().clone() for g in opt.groups}  # (E_j, n, E_i r)
+    twin = _moe(2, "topk", "ffn", r=16)
+    twin.load_state_dict(model.state_dict())
+    twin_opt = torch.optim.AdamW([p for p in twin.parameters() if p.requires_grad])
+    twin_opt.load_state_dict(copy.deepcopy(opt.base.state_dict()))
+    before = _expert_weights(model)
+    _step(model, opt, ids[2], mask[2])
+    _step(twin, twin_opt, ids[2], mask[2])
+    after, plain = _expert_weights(model), _expert_weights(twin)
+    for g in opt.groups:
+        a = f"{g.name}.lora_A"
+        assert torch.equal(after[a], plain[a])
+        dB = after[f"{g.name}.lora_B"] - before[f"{g.name}.lora_B"]  # (E, out, r)
+        C = codes[g.name].view(2, -1, 2, 16)  # (E_j, n, E_i, r)
+        for i, j in itertools.permutations(range(2), 2):
+            ratio = (dB[i] @ C[j, :, i].T).norm() / (dB[i].norm() * C[j, :, i].norm())
+            assert ratio < 1e-4
+
+
+def test_loading_statistics_of_another_configuration_is_a_config_error():
+    saved = OrthogonalExpertOptimizer(_moe(), project="both").state_dict()
+    with pytest.raises(ConfigError, match="do not fit this optimizer: 'codes/"):
+        OrthogonalExpertOptimizer(_moe(), project="B").load_state_dict(saved)
+    with pytest.raises(ConfigError, match=r"have shape \(2, 64, 64\); this optimizer holds \(2, 8, 64\)"):
+        OrthogonalExpertOptimizer(_moe(), max_directions=8).load_state_dict(saved)
+    with pytest.raises(ConfigError, match="no orthogonal-optimizer statistics"):
+        OrthogonalExpertOptimizer(_moe()).load_state_dict(torch.optim.AdamW([torch.zeros(1)]).state_dict())

@@ -89,7 +89,7 @@ class OrthogonalExpertOptimizer(torch.optim.Optimizer):
         self.config = config
         self.groups = [g for g in groups if g.experts.num_experts > 1]
         self.steps = 0  # optimizer steps taken (a step skipped by a GradScaler does not count)
-        self.sources = self._allocate({g.source: g.experts for g in self.groups})
+        self.sources, self.codes = self._allocate()
         self._routing: dict[str, tuple] = {}  # layer -> routing of its current forward (for down's hook)
         self._hooks = self._register_hooks(layers)
 
@@ -100,22 +100,28 @@ class OrthogonalExpertOptimizer(torch.optim.Optimizer):
         self.state = self.base.state
         self.defaults = self.base.defaults
 
-    def _allocate(self, readers: dict[str, LoRAExperts]) -> dict[str, Source]:
+    def _allocate(self) -> tuple[dict[str, Source], dict[str, Source]]:
+        """The input means of every source; with project 'B', every expert module's codes instead.
+
+        Means X are kept where they are needed: A's factored projector, and B's codes taken with the
+        A of the orthogonal step (project 'both'). Project 'B' keeps only the codes ``A_i x_j`` taken
+        when each mean is collected, ``(E, cap, E r)`` per expert module: no in-dimension storage.
+        """
         c = self.config
-        need_x = c.placement == "factored" or c.project in ("both", "B")
-        need_p = c.placement == "full" and c.project in ("both", "A")
-        sources = {}
-        for key, experts in readers.items():
-            E, d, dev = experts.num_experts, experts.in_features, experts.lora_A.device
-            f32 = torch.float32
-            sources[key] = Source(
-                E,
-                d,
-                X=torch.zeros(E, c.max_directions, d, dtype=f32, device=dev) if need_x else None,
-                P=torch.eye(d, dtype=f32, device=dev).repeat(E, 1, 1) if need_p else None,
-                count=torch.zeros(E, dtype=torch.long, device=dev),
-            )
-        return sources
+        need_x = c.project == "both" or (c.project == "A" and c.placement == "factored")
+        need_p = c.placement == "full" and c.project != "B"
+        sources, codes = {}, {}
+        for g in self.groups:
+            E, r, d, dev = g.experts.num_experts, g.experts.r, g.experts.in_features, g.experts.lora_A.device
+            sources.setdefault(g.source, Source.empty(E, d, c.max_directions if need_x else 0, need_p, dev))
+            if c.project == "B":
+                codes[g.name] = Source.empty(E, E * r, c.max_directions, False, dev)
+        return sources, codes
+
+    def _statistics(self):
+        """``(section, key, Source)`` of every statistic held."""
+        yield from (("sources", k, s) for k, s in self.sources.items())
+        yield from (("codes", k, s) for k, s in self.codes.items())
 
     def _register_hooks(self, layers: dict[str, MoELayer]) -> list:
         hooks = []
@@ -183,7 +189,7 @@ class OrthogonalExpertOptimizer(torch.optim.Optimizer):
     def memory_bytes(self) -> int:
         """Bytes held by the statistics (means and dense projectors)."""
         return sum(
-            t.numel() * t.element_size() for s in self.sources.values() for t in (s.X, s.P) if t is not None
+            t.numel() * t.element_size() for *_, s in self._statistics() for t in (s.X, s.P) if t is not None
         )
 
     def describe(self) -> str:
@@ -218,7 +224,7 @@ class OrthogonalExpertOptimizer(torch.optim.Optimizer):
         self._discard_pending()
         self.steps += 1
         if phase == ORTHOGONAL and self.phase != ORTHOGONAL and self.config.reset:
-            for s in self.sources.values():
+            for *_, s in self._statistics():
                 s.reset()
         return loss
 
@@ -237,8 +243,14 @@ class OrthogonalExpertOptimizer(torch.optim.Optimizer):
             else torch.zeros(0, s.num_experts, s.dim, device=s.count.device)
             for s in (self.sources[k] for k in keys)
         ]
-        for key, means in zip(keys, gather_in_order(local)):
+        gathered = dict(zip(keys, gather_in_order(local)))
+        for key, means in gathered.items():
             self.sources[key].append(means, self.config.alpha, self.config.combine)
+        for g in self.groups:
+            if g.name in self.codes:  # (M, E_j, E_i r): expert j's mean under every expert i's current A
+                A = g.experts.lora_A.float()
+                codes = torch.einsum("ird,mjd->mjir", A, gathered[g.source]).flatten(2)
+                self.codes[g.name].append(codes, self.config.alpha, self.config.combine)
 
     @torch.no_grad()
     def _project(self, old: dict[int, torch.Tensor]) -> None:
@@ -248,7 +260,7 @@ class OrthogonalExpertOptimizer(torch.optim.Optimizer):
             source = self.sources[g.source]
             A, B = g.experts.lora_A, g.experts.lora_B
             A_old, B_old = old[id(A)], old[id(B)]
-            X = source.directions() if source.X is not None else None  # (E, n, d)
+            X = source.directions()  # (E, n, d) or None
             if c.project in ("both", "A"):
                 delta = A - A_old  # (E, r, in)
                 if source.P is not None:
@@ -256,20 +268,25 @@ class OrthogonalExpertOptimizer(torch.optim.Optimizer):
                 elif X is not None:
                     delta = projectors.project_out(delta, X, c.alpha, c.combine)
                 A.copy_(A_old + delta)
-            if c.project in ("both", "B") and X is not None:
-                # B's input is the code z = A_i x: project with the codes of the others' inputs under the
-                # A of this step's start, so that (dB A_old) x = 0 as well.
-                delta = projectors.project_out(B - B_old, projectors.codes(A_old, X), c.alpha, c.combine)
-                B.copy_(B_old + delta)
+            # B's input is the code z = A_i x: project with the codes of the others' inputs, under the A
+            # of this step's start (so that dB A_old x = 0 as well), or as collected (project 'B').
+            if c.project == "both" and X is not None:
+                codes = projectors.codes(A_old, X)  # (E_i, E_j, n, r)
+            elif c.project == "B" and (stored := self.codes[g.name].directions()) is not None:
+                E, n = stored.shape[:2]
+                codes = stored.view(E, n, E, -1).permute(2, 0, 1, 3)  # (E_j, n, E_i, r) -> (E_i, E_j, n, r)
+            else:
+                continue
+            delta = projectors.project_out(B - B_old, codes, c.alpha, c.combine)
+            B.copy_(B_old + delta)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         sd = self.base.state_dict()
-        sources = {
-            k: {name: t.clone() for name, t in (("count", s.count), ("X", s.X), ("P", s.P)) if t is not None}
-            for k, s in self.sources.items()
-        }
-        sd["orthogonal"] = {"steps": self.steps, "sources": sources}
+        sd["orthogonal"] = {"steps": self.steps, "sources": {}, "codes": {}}
+        for section, key, s in self._statistics():
+            tensors = (("count", s.count), ("X", s.X), ("P", s.P))
+            sd["orthogonal"][section][key] = {name: t.clone() for name, t in tensors if t is not None}
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -279,12 +296,16 @@ class OrthogonalExpertOptimizer(torch.optim.Optimizer):
             raise ConfigError("this optimizer state has no orthogonal-optimizer statistics (saved by AdamW?)")
         self.base.load_state_dict(state_dict)
         self._link()
-        if set(saved["sources"]) != set(self.sources):
-            missing = sorted(set(self.sources) ^ set(saved["sources"]))
-            raise ConfigError(f"saved orthogonal statistics do not fit this model: {missing[0]!r} differs")
-        for key, tensors in saved["sources"].items():
-            source = self.sources[key]
-            for name, value in tensors.items():
+        own_keys = {(section, key) for section, key, _ in self._statistics()}
+        saved_keys = {(section, key) for section in ("sources", "codes") for key in saved.get(section, {})}
+        if own_keys != saved_keys:
+            differ = sorted(own_keys ^ saved_keys)[0]
+            raise ConfigError(
+                f"saved orthogonal statistics do not fit this optimizer: {'/'.join(differ)!r} differs "
+                "(model or orthogonal.project changed?)"
+            )
+        for section, key, source in self._statistics():
+            for name, value in saved[section][key].items():
                 own = getattr(source, name)
                 if own is None or own.shape != value.shape:
                     raise ConfigError(

@@ -69,6 +69,18 @@ class Source:
     count: torch.Tensor | None = None
     pending: list[torch.Tensor] = field(default_factory=list)  # (E, d) per micro-batch forward
 
+    @classmethod
+    def empty(cls, E: int, d: int, cap: int, dense: bool, device) -> Source:
+        """No statistics yet: ``cap`` zero means per expert (0 = keep none), identity projectors if ``dense``."""
+        f32 = torch.float32
+        return cls(
+            E,
+            d,
+            X=torch.zeros(E, cap, d, dtype=f32, device=device) if cap else None,
+            P=torch.eye(d, dtype=f32, device=device).repeat(E, 1, 1) if dense else None,
+            count=torch.zeros(E, dtype=torch.long, device=device),
+        )
+
     def reset(self) -> None:
         self.pending.clear()
         self.count.zero_()
@@ -78,7 +90,9 @@ class Source:
             self.P.copy_(torch.eye(self.dim, device=self.P.device).expand_as(self.P))
 
     def directions(self) -> torch.Tensor | None:
-        """``(E, n, d)``: the stored means (n = rows in use), or None before any."""
+        """``(E, n, d)``: the stored means (n = rows in use), or None before any (or if none are kept)."""
+        if self.X is None:
+            return None
         n = min(int(self.count.max()), self.X.shape[1])
         return self.X[:, :n] if n else None
 
