@@ -23,6 +23,7 @@ def test_params_prints_the_paper_counts_for_llama2_7b(capsys):
         (["params", "--shape", "gpt5"], "unknown shape 'gpt5'"),
         (["bench", "--variants", "base,qlora"], "unknown variant(s) qlora"),
         (["bench", "--steps", "0"], "--steps must be >= 1"),
+        (["bench", "--threads", "0"], "--threads must be >= 1"),
     ],
 )
 def test_bad_input_gives_one_line_error_exit_2_and_no_output(argv, message, capsys):

@@ -38,6 +38,11 @@ PRESETS = {
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=1000, batch=2, seq=32,
     ),
+    # The bundled SmolLM2-135M-Instruct's shape (random weights; the quickstart's model).
+    "smollm2-135m": dict(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, vocab_size=49152, batch=8, seq=128,
+    ),
     # The paper's LLaMA-2 7B shape, random bf16 weights (GPU).
     "llama2-7b": dict(
         hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -256,6 +261,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--r", type=int, default=16, help="LoRA rank of every variant")
     parser.add_argument("--layers", type=int, default=None, help="override the preset's number of blocks")
     parser.add_argument("--rounds", type=int, default=3, help="variants take turns this many times; medians")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads (default: torch's); 1 is steadier when other processes share the cores",
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--output", default=None, help="also write the results as JSON to this file")  # fmt: skip
 
@@ -267,10 +278,12 @@ def main_from_args(args: argparse.Namespace) -> int:
     bad = [v for v in variants if v not in VARIANTS]
     if bad or not variants:
         raise ConfigError(f"unknown variant(s) {', '.join(bad) or '(none)'}; allowed: {', '.join(VARIANTS)}")
-    for name in ("steps", "warmup", "batch", "seq", "r", "layers", "rounds"):
+    for name in ("steps", "warmup", "batch", "seq", "r", "layers", "rounds", "threads"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "warmup" else 1):
             raise ConfigError(f"--{name} must be >= {0 if name == 'warmup' else 1}, got {value}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda asked for, but CUDA is not available; allowed here: cpu")
     preset = args.preset or (
