@@ -168,12 +168,13 @@ def run_eval(
         "tasks": per_task,
         "load_seconds": round(load_seconds, 3),
         "wall_seconds": round(time.perf_counter() - start, 3),
-        "versions": _versions(),
+        "versions": versions(),
     }
     return results, predictions
 
 
-def _versions() -> dict:
+def versions() -> dict:
+    """Versions of omoe, torch, transformers and Python, recorded in every results file."""
     import transformers
 
     try:

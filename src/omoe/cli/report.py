@@ -1,0 +1,55 @@
+"""``omoe report``: the paper's tables from experiment results, as Markdown, CSV and PNG.
+
+Examples::
+
+    omoe report --results results/table1_single_task                   # every table it can fill
+    omoe report --results results/fig4_k_routing --table fig4 --output docs/results/fig4
+    omoe report --results docs/bench/table3.json --table 3             # from omoe bench --table3
+
+Tables: 1 (single-task), 2 (single vs multi-task), 3 (efficiency), 4 (layer-wise, the paper's
+Tables 4-5), 10 (rank), fig4 (accuracy against the number of experts, one line per routing).
+Accuracies are mean ± sample std over seeds, in percent; every table names its protocol.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "report",
+        help="paper-shaped tables (Markdown, CSV, PNG) from omoe experiment results",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    parser.add_argument(
+        "--results", required=True, metavar="PATH",
+        help="results/<experiment> directory of result JSONs, or one JSON file (e.g. of omoe bench --table3)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--table", action="append", metavar="T",
+        help="1, 2, 3, 4, 10 or fig4 (repeatable or comma-separated; default: every table the results fill)",
+    )  # fmt: skip
+    parser.add_argument("--output", metavar="DIR", help="where the files go (default: the results directory)")
+    parser.add_argument("--x", dest="x_key", metavar="KEY", help="fig4's x axis (default: adapter.num_experts "
+                        "or adapter.top_k, whichever is swept)")  # fmt: skip
+    parser.error = lambda message: parser.exit(2, f"omoe report: error: {message}\n")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from omoe.experiment.report import build_tables, load_results, write_tables
+
+    results = load_results(args.results)
+    which = [t.strip() for spec in args.table or [] for t in spec.split(",") if t.strip()]
+    tables = build_tables(results, which or None, args.x_key)
+    source = Path(args.results)
+    output = Path(args.output) if args.output else (source if source.is_dir() else source.parent)
+    written = write_tables(tables, output)
+    print("\n\n".join(t.markdown for t in tables))
+    print("\nwrote " + ", ".join(str(p) for p in written))
+    return 0

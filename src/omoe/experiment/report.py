@@ -1,0 +1,545 @@
+"""Paper-shaped tables from experiment results: Markdown, CSV and (Fig. 4) a PNG.
+
+Tables (the OMoE paper's numbering):
+
+- ``1``: single-task accuracy, rows = methods, columns = tasks + Avg, with #params;
+- ``2``: single- vs multi-task, per method a single row, a multi row and their difference;
+- ``3``: efficiency, from the JSON of ``omoe bench --table3``;
+- ``4``: layer-wise OMoE (the paper's Tables 4-5), rows = ``adapter.orthogonal_layers``;
+- ``10``: rank sweep, rows = method x ``adapter.r``, with #params;
+- ``fig4``: mean accuracy against a swept key (default: the number of experts), one line per
+  method and routing.
+
+Every accuracy is the mean over seeds with the sample standard deviation (n - 1), in percent; one
+seed is written ``±0.0 (1 seed)``, and a row with fewer seeds than the table says how many it has.
+The Avg column is computed per seed (mean over the tasks) and then averaged, over the seeds that
+have every task. Every table names its evaluation protocol.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omoe.errors import ConfigError
+from omoe.utils import atomic_write_text
+
+TABLES = ("1", "2", "3", "4", "10", "fig4")
+BENCH_KIND = "omoe.bench.table3"
+_SWEEP_X = ("adapter.num_experts", "adapter.top_k")
+
+
+# ---------------------------------------------------------------------------- loading
+@dataclass
+class Results:
+    cells: list[dict]
+    benches: list[dict]
+    source: Path
+
+
+def load_results(path: str | Path) -> Results:
+    """Cell results (``*.json`` of ``omoe experiment``) and Table-3 benchmarks in a directory, or
+    one such JSON file. Other JSON files are ignored; a broken one is an error."""
+    from omoe.experiment.runner import RESULT_KIND
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"results not found: {path}")
+    files = sorted(path.glob("*.json")) if path.is_dir() else [path]
+    cells, benches = [], []
+    for f in files:
+        try:
+            data = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ConfigError(f"{f} is not a readable JSON file: {err}") from None
+        kind = data.get("kind") if isinstance(data, dict) else None
+        if kind == RESULT_KIND:
+            cells.append(data)
+        elif kind == BENCH_KIND:
+            benches.append(data)
+    if not cells and not benches:
+        raise ConfigError(
+            f"no experiment results in {path} (JSON files of omoe experiment, or of omoe bench --table3)"
+        )
+    return Results(cells, benches, path)
+
+
+def available_tables(results: Results, x_key: str | None = None) -> list[str]:
+    """The tables that ``results`` can fill, in the paper's order (``x_key``: Fig. 4's x axis)."""
+    settings = {c["setting"] for c in results.cells}
+    out = []
+    if "single" in settings:
+        out.append("1")
+    if "multi" in settings:
+        out.append("2")
+    if results.benches:
+        out.append("3")
+    if len({_adapter(c, "orthogonal_layers") for c in results.cells if _adapter(c, "method") == "omoe"}) > 1:
+        out.append("4")
+    if _swept(results.cells, "adapter.r"):
+        out.append("10")
+    if any(_swept(results.cells, k) for k in ([x_key] if x_key else _SWEEP_X)):
+        out.append("fig4")
+    return out
+
+
+# ---------------------------------------------------------------------------- statistics
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (n - 1; 0 for one value)."""
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def format_mean_std(values: list[float], expected_seeds: int | None = None) -> str:
+    """Percent with one decimal: ``55.0 ± 2.1``; one value: ``55.0 ±0.0 (1 seed)``; '–' if none."""
+    if not values:
+        return "–"
+    mean, std = mean_std([100 * v for v in values])
+    if len(values) == 1:
+        return f"{mean:.1f} ±0.0 (1 seed)"
+    text = f"{mean:.1f} ± {std:.1f}"
+    if expected_seeds is not None and len(values) != expected_seeds:
+        text += f" ({len(values)} seeds)"
+    return text
+
+
+# ---------------------------------------------------------------------------- grouping
+@dataclass
+class Row:
+    """One table row: accuracies per task and seed, parameter counts, test-set sizes."""
+
+    order: tuple
+    label: str
+    acc: dict[str, dict[int, float]] = field(default_factory=dict)  # task -> seed -> accuracy
+    params: set[int] = field(default_factory=set)
+    n: dict[str, set[int]] = field(default_factory=dict)
+
+    def values(self, task: str) -> list[float]:
+        return list(self.acc.get(task, {}).values())
+
+    def avg_values(self, tasks: list[str]) -> list[float]:
+        """Per seed, the mean over ``tasks``, for the seeds that have every task."""
+        seeds = set.intersection(*(set(self.acc.get(t, {})) for t in tasks)) if tasks else set()
+        return [statistics.fmean(self.acc[t][s] for t in tasks) for s in sorted(seeds)]
+
+    def params_text(self) -> str:
+        if not self.params:
+            return "–"
+        lo, hi = min(self.params), max(self.params)
+        return f"{lo:,d}" if lo == hi else f"{lo:,d}–{hi:,d}"
+
+
+def group(cells: list[dict], setting: str, protocol: str, row_of: Callable[[dict], tuple[tuple, str]]):
+    """Rows (sorted) and tasks (in order of appearance) of the cells of one setting and protocol."""
+    rows: dict[str, Row] = {}
+    tasks: list[str] = []
+    for c in cells:
+        if c["setting"] != setting:
+            continue
+        order, label = row_of(c)
+        row = rows.setdefault(label, Row(order, label))
+        row.params.add(c["trainable_parameters"])
+        for task in c["eval_tasks"]:
+            m = c["metrics"].get(task, {}).get(protocol)
+            if m is None:
+                continue
+            if task not in tasks:
+                tasks.append(task)
+            row.acc.setdefault(task, {})[c["seed"]] = m["accuracy"]
+            row.n.setdefault(task, set()).add(m["n"])
+    return sorted(rows.values(), key=lambda r: r.order), tasks
+
+
+def method_row(cells: list[dict]) -> Callable[[dict], tuple[tuple, str]]:
+    """Rows = methods, with the values of any key swept in these cells."""
+    varying = _varying_sweep_keys(cells)
+
+    def row_of(c: dict) -> tuple[tuple, str]:
+        label = c["method"]
+        if varying:
+            label += " (" + ", ".join(f"{_short(k)}={c['sweep'].get(k)}" for k in varying) + ")"
+        return (c["method_index"], c["sweep_index"]), label
+
+    return row_of
+
+
+def _varying_sweep_keys(cells: list[dict]) -> list[str]:
+    keys = dict.fromkeys(k for c in cells for k in c.get("sweep", {}))
+    return [k for k in keys if len({json.dumps(c["sweep"].get(k)) for c in cells}) > 1]
+
+
+# ---------------------------------------------------------------------------- tables
+@dataclass
+class Table:
+    name: str  # table1, table2, ...
+    markdown: str
+    csv_rows: list[dict]
+    figure: object = None  # a matplotlib Figure (fig4)
+
+
+def build_tables(results: Results, which: list[str] | None = None, x_key: str | None = None) -> list[Table]:
+    """The requested tables (default: every available one)."""
+    if x_key is not None:
+        from omoe.train import options
+        from omoe.train.config import TrainConfig
+
+        if x_key not in options.valid_keys(TrainConfig):
+            raise ConfigError(
+                f"unknown --x key {x_key}; valid keys: {', '.join(options.valid_keys(TrainConfig))}"
+            )
+    available = available_tables(results, x_key)
+    which = which or available
+    if not which:
+        raise ConfigError(f"no table can be built from {results.source}")
+    builders = {"1": table1, "2": table2, "3": table3, "4": table4, "10": table10, "fig4": fig4}
+    out = []
+    for name in which:
+        if name not in TABLES:
+            raise ConfigError(f"unknown table {name!r}; allowed: {', '.join(TABLES)}")
+        if name not in available:
+            raise ConfigError(
+                f"table {name} cannot be built from {results.source}: {_needs(name)}; "
+                f"available here: {', '.join(available) or 'none'}"
+            )
+        out.append(builders[name](results, x_key) if name == "fig4" else builders[name](results))
+    return out
+
+
+def _needs(name: str) -> str:
+    return {
+        "1": "it needs single-task results (settings: [single])",
+        "2": "it needs multi-task results (settings: [multi], best with single too)",
+        "3": "it needs the JSON of omoe bench --table3",
+        "4": "it needs OMoE results with more than one adapter.orthogonal_layers",
+        "10": "it needs results that sweep adapter.r",
+        "fig4": "it needs results that sweep its x key (default adapter.num_experts or adapter.top_k)",
+    }[name]
+
+
+def table1(results: Results) -> Table:
+    cells = results.cells
+    parts, csv_rows = [], []
+    for protocol in _protocols(cells):
+        rows, tasks = group(cells, "single", protocol, method_row(cells))
+        header = f"### Table 1: single-task accuracy (%), protocol `{protocol}`"
+        md, rows_csv = _accuracy_table(header, cells, rows, tasks, "method", protocol, "single")
+        parts.append(md)
+        csv_rows += rows_csv
+    return Table("table1", "\n\n".join(parts), csv_rows)
+
+
+def table2(results: Results) -> Table:
+    cells = results.cells
+    parts, csv_rows = [], []
+    for protocol in _protocols(cells):
+        row_of = method_row(cells)
+        single, t1 = group(cells, "single", protocol, row_of)
+        multi, t2 = group(cells, "multi", protocol, row_of)
+        tasks = t1 + [t for t in t2 if t not in t1]
+        seeds = _seed_count(single + multi)
+        by_setting = {"single": {r.label: r for r in single}, "multi": {r.label: r for r in multi}}
+        labels = [r.label for r in sorted(single + multi, key=lambda r: r.order)]
+        lines = [
+            f"### Table 2: single-task vs multi-task accuracy (%), protocol `{protocol}`",
+            "",
+            _caption(cells, tasks, seeds, single + multi),
+            "",
+            "| method | setting | #params | " + " | ".join(tasks) + " | Avg |",
+            "|---|---|---:|" + "---:|" * (len(tasks) + 1),
+        ]
+        for label in dict.fromkeys(labels):
+            pair = {k: rows.get(label) for k, rows in by_setting.items()}
+            for setting, row in pair.items():
+                if row is None:
+                    continue
+                cols = [format_mean_std(row.values(t), seeds) for t in tasks]
+                cols.append(format_mean_std(row.avg_values(tasks), seeds))
+                lines.append(f"| {label} | {setting} | {row.params_text()} | " + " | ".join(cols) + " |")
+                csv_rows.append(_csv_row(row, tasks, protocol=protocol, setting=setting))
+            s, m = pair["single"], pair["multi"]
+            if s is not None and m is not None:
+                deltas = [_delta(s.values(t), m.values(t)) for t in tasks]
+                deltas.append(_delta(s.avg_values(tasks), m.avg_values(tasks)))
+                lines.append(f"| {label} | Δ multi − single | | " + " | ".join(deltas) + " |")
+                csv_rows.append(
+                    {"protocol": protocol, "setting": "delta", "row": label,
+                     **{f"{t}_mean": d for t, d in zip([*tasks, "avg"], deltas)}}
+                )  # fmt: skip
+        parts.append("\n".join(lines))
+    return Table("table2", "\n\n".join(parts), csv_rows)
+
+
+def table4(results: Results) -> Table:
+    cells = [c for c in results.cells if _adapter(c, "method") == "omoe"]
+    methods = {c["method"] for c in cells}
+
+    def row_of(c: dict) -> tuple[tuple, str]:
+        layers = _adapter(c, "orthogonal_layers")
+        label = str(layers) if len(methods) == 1 else f"{c['method']}: {layers}"
+        return (c["method_index"], c["sweep_index"]), label
+
+    return _per_setting("table4", "Tables 4-5: layer-wise OMoE", "orthogonal_layers", cells, row_of)
+
+
+def table10(results: Results) -> Table:
+    cells = results.cells
+
+    def row_of(c: dict) -> tuple[tuple, str]:
+        return (c["method_index"], _adapter(c, "r")), f"{c['method']} r={_adapter(c, 'r')}"
+
+    return _per_setting("table10", "Table 10: LoRA rank", "method, rank", cells, row_of)
+
+
+def _per_setting(name, title, row_header, cells, row_of) -> Table:
+    parts, csv_rows = [], []
+    for protocol in _protocols(cells):
+        for setting in ("single", "multi"):
+            rows, tasks = group(cells, setting, protocol, row_of)
+            if not rows:
+                continue
+            header = f"### {title}, {setting}-task accuracy (%), protocol `{protocol}`"
+            md, rows_csv = _accuracy_table(header, cells, rows, tasks, row_header, protocol, setting)
+            parts.append(md)
+            csv_rows += rows_csv
+    return Table(name, "\n\n".join(parts), csv_rows)
+
+
+def _accuracy_table(header, cells, rows, tasks, row_header, protocol, setting) -> tuple[str, list[dict]]:
+    seeds = _seed_count(rows)
+    lines = [
+        header,
+        "",
+        _caption(cells, tasks, seeds, rows),
+        "",
+        f"| {row_header} | #params | " + " | ".join(tasks) + " | Avg |",
+        "|---|---:|" + "---:|" * (len(tasks) + 1),
+    ]
+    csv_rows = []
+    for row in rows:
+        cols = [format_mean_std(row.values(t), seeds) for t in tasks]
+        cols.append(format_mean_std(row.avg_values(tasks), seeds))
+        lines.append(f"| {row.label} | {row.params_text()} | " + " | ".join(cols) + " |")
+        csv_rows.append(_csv_row(row, tasks, protocol=protocol, setting=setting))
+    return "\n".join(lines), csv_rows
+
+
+def _caption(cells, tasks, seeds, rows) -> str:
+    experiments = ", ".join(dict.fromkeys(c["experiment"] for c in cells))
+    n = ", ".join(f"{t} {_join(set().union(*(r.n.get(t, set()) for r in rows)))}" for t in tasks)
+    models = _join({c["train_config"]["model"] for c in cells})
+    return (
+        f"Experiment {experiments}; model {models}; mean ± sample std (n−1) over {seeds} seed(s); "
+        f"test records per task: {n}."
+    )
+
+
+def _csv_row(row: Row, tasks: list[str], **extra) -> dict:
+    out = {**extra, "row": row.label, "trainable_parameters": row.params_text().replace(",", "")}
+    for t, values in [*((t, row.values(t)) for t in tasks), ("avg", row.avg_values(tasks))]:
+        if values:
+            mean, std = mean_std([100 * v for v in values])
+            out.update({f"{t}_mean": round(mean, 4), f"{t}_std": round(std, 4), f"{t}_seeds": len(values)})
+        else:
+            out.update({f"{t}_mean": None, f"{t}_std": None, f"{t}_seeds": 0})
+    return out
+
+
+def _delta(single: list[float], multi: list[float]) -> str:
+    if not single or not multi:
+        return "–"
+    return f"{100 * (statistics.fmean(multi) - statistics.fmean(single)):+.1f}"
+
+
+# ---------------------------------------------------------------------------- Table 3
+def table3(results: Results) -> Table:
+    parts, csv_rows = [], []
+    for bench in results.benches:
+        meta, rows = bench["meta"], bench["results"]
+        lines = [
+            f"### Table 3: efficiency, {meta['device']} ({meta['preset']} shape, {meta['weights']})",
+            "",
+            f"Generation of {meta['batch']} prompts x {meta['new_tokens']} new tokens (greedy, prompts of "
+            f"{meta['prompt_tokens']} tokens), median of {meta['rounds']} rounds; {meta['dtype']} weights; "
+            f"torch {meta['torch']}. Extra memory is over the base model measured in the same run; "
+            + ("peak = torch.cuda.max_memory_allocated during generation."
+               if meta.get("peak_measured") else "peak memory is not measurable on CPU (shown as –)."),
+            "",
+            "| method | trainable params | adapter MiB | latency s | x base | extra peak MiB | x base peak | "
+            "train activations MiB |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]  # fmt: skip
+        for r in rows:
+            lines.append(
+                f"| {r['method']} | {r['trainable']:,d} | {r['adapter_mib']:.1f} | {r['latency_s']:.3f} | "
+                f"{r['latency_ratio']:.2f} | {_num(r.get('extra_peak_mib'), '.0f')} | "
+                f"{_num(r.get('peak_ratio'), '.3f')} | {_num(r.get('train_saved_mib'), '.1f')} |"
+            )
+            csv_rows.append({"device": meta["device"], "preset": meta["preset"], **r})
+        parts.append("\n".join(lines))
+    return Table("table3", "\n\n".join(parts), csv_rows)
+
+
+def _num(value, spec: str) -> str:
+    return "–" if value is None else format(value, spec)
+
+
+# ---------------------------------------------------------------------------- Fig. 4
+def fig4(results: Results, x_key: str | None = None) -> Table:
+    """Mean accuracy (over tasks per seed, then over seeds) against ``x_key``, one line per method
+    and routing, one panel per setting and protocol."""
+    cells = results.cells
+    x_key = x_key or next(k for k in _SWEEP_X if _swept(cells, k))
+    where: dict[str, tuple[str, object]] = {}
+
+    def row_of(c: dict) -> tuple[tuple, str]:
+        line, x = f"{c['method']} ({_routing(c)})", _config_value(c, x_key)
+        where[f"{line} @ {x}"] = (line, x)
+        return (c["method_index"], line, _sort_key(x)), f"{line} @ {x}"
+
+    series: dict[tuple[str, str], dict[str, list]] = {}  # (setting, protocol) -> line -> [(x, values)]
+    for protocol in _protocols(cells):
+        for setting in ("single", "multi"):
+            rows, tasks = group(cells, setting, protocol, row_of)
+            for row in rows:
+                line, x = where[row.label]
+                series.setdefault((setting, protocol), {}).setdefault(line, []).append(
+                    (x, row.avg_values(tasks))
+                )
+    lines_md = [
+        f"### Fig. 4: mean accuracy (%) against {x_key}, one line per method and routing",
+        "",
+        f"Experiment {', '.join(dict.fromkeys(c['experiment'] for c in cells))}; each point is the mean "
+        "over the tasks per seed, then mean ± sample std (n−1) over seeds.",
+        "",
+        f"| setting | protocol | line | {_short(x_key)} | accuracy |",
+        "|---|---|---|---:|---:|",
+    ]
+    csv_rows = []
+    for (setting, protocol), lines in series.items():
+        for line, xs in lines.items():
+            for x, values in xs:
+                lines_md.append(f"| {setting} | {protocol} | {line} | {x} | {format_mean_std(values)} |")
+                mean, std = mean_std([100 * v for v in values]) if values else (None, None)
+                csv_rows.append({"setting": setting, "protocol": protocol, "line": line, x_key: x,
+                                 "mean": mean, "std": std, "seeds": len(values)})  # fmt: skip
+    return Table("fig4", "\n".join(lines_md), csv_rows, _plot_fig4(series, x_key))
+
+
+def _plot_fig4(series: dict, x_key: str):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ConfigError("fig4 needs matplotlib: pip install 'omoe[plots]'") from None
+    fig, axes = plt.subplots(1, len(series), figsize=(5 * len(series), 3.8), squeeze=False)
+    for ax, ((setting, protocol), lines) in zip(axes[0], series.items()):
+        for line, xs in lines.items():
+            stats = [
+                mean_std([100 * v for v in values]) if values else (float("nan"), 0.0) for _, values in xs
+            ]
+            ax.errorbar([str(x) for x, _ in xs], [m for m, _ in stats], yerr=[sd for _, sd in stats],
+                        marker="o", capsize=3, label=line)  # fmt: skip
+        ax.set_xlabel(_short(x_key))
+        ax.set_ylabel(f"mean accuracy (%), {protocol}")
+        ax.set_title(f"{setting}-task")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------- writing
+def write_tables(tables: list[Table], output: str | Path) -> list[Path]:
+    """Write each table's ``.md`` and ``.csv`` (and ``.png``) into ``output``, atomically."""
+    output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"--output {output} is a file; give a directory")
+    written = []
+    for t in tables:
+        md, csv_path = output / f"{t.name}.md", output / f"{t.name}.csv"
+        if t.figure is not None:
+            png = output / f"{t.name}.png"
+            _atomic_png(t.figure, png)
+            written.append(png)
+        atomic_write_text(csv_path, _csv_text(t.csv_rows))
+        atomic_write_text(md, t.markdown + "\n")
+        written += [md, csv_path]
+    return written
+
+
+def _atomic_png(figure, path: Path) -> None:
+    import os
+    import tempfile
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
+    os.close(fd)
+    try:
+        figure.savefig(tmp, dpi=120)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _csv_text(rows: list[dict]) -> str:
+    fields = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------- small helpers
+def _protocols(cells: list[dict]) -> list[str]:
+    return list(dict.fromkeys(p for c in cells for p in c["eval"]["protocols"]))
+
+
+def _seed_count(rows: list[Row]) -> int:
+    return len({s for r in rows for by_seed in r.acc.values() for s in by_seed})
+
+
+def _adapter(cell: dict, key: str):
+    value = cell["train_config"]["adapter"][key]
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _config_value(cell: dict, dotted: str):
+    value = cell["train_config"]
+    for part in dotted.split("."):
+        value = value[part]
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _swept(cells: list[dict], key: str) -> bool:
+    return any(key in c.get("sweep", {}) for c in cells) and len({_config_value(c, key) for c in cells}) > 1
+
+
+def _routing(cell: dict) -> str:
+    a = cell["train_config"]["adapter"]
+    if a["method"] not in ("moe", "omoe"):
+        return a["method"]
+    if a["routing"] == "topk":
+        return f"top-{a['top_k']}"
+    return a["routing"]
+
+
+def _short(key: str) -> str:
+    return key.rsplit(".", 1)[-1]
+
+
+def _join(values: set) -> str:
+    return "/".join(str(v) for v in sorted(values, key=_sort_key))
+
+
+def _sort_key(value) -> tuple:
+    return (0, value, "") if isinstance(value, (int, float)) else (1, 0, str(value))

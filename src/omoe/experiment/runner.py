@@ -1,0 +1,319 @@
+"""Run the cells of an experiment: train (or resume), evaluate, write one result JSON per cell.
+
+A cell's state is read from disk, so a killed sweep continues where it stopped:
+
+- ``done``: ``results_dir/<cell>.json`` exists and was computed under the same config: skipped;
+- ``stale``: a result or a work dir from another config (the YAML changed): both are removed and
+  the cell runs again;
+- ``trained``: the work dir holds the finished adapter (killed during evaluation): evaluated only;
+- ``checkpoint``: the work dir holds a checkpoint: training resumes from it (``train(resume=True)``);
+- ``todo``: anything else (a work dir with nothing resumable in it is cleared first).
+
+The base model is loaded once and reused: after each cell the adapter layers are removed again
+(``OMoEModel.unload``), which restores the original modules.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from omoe.data.loader import load_task
+from omoe.errors import ConfigError
+from omoe.experiment.spec import Cell, ExperimentSpec, fingerprint
+from omoe.train import checkpoint as ckpt
+from omoe.train.config import TrainConfig, load_config
+from omoe.utils import atomic_write_text
+
+RESULT_KIND = "omoe.experiment.cell"
+SCHEMA_VERSION = 1
+PREDICTIONS = "eval_predictions.jsonl"
+
+
+@dataclass
+class CellState:
+    state: str  # done | stale | trained | checkpoint | todo
+    detail: str = ""
+
+
+def cell_state(spec: ExperimentSpec, cell: Cell) -> CellState:
+    """What is on disk for ``cell`` (see the module docstring)."""
+    result = spec.result_path(cell)
+    if result.exists():
+        try:
+            saved = json.loads(result.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            return CellState("stale", "unreadable result file")
+        if saved.get("fingerprint") == cell.fingerprint:
+            return CellState("done", _metrics_line(saved))
+        return CellState("stale", "result computed under another config")
+    work = cell.work_dir
+    from omoe.train.trainer import CONFIG_FILE, RESULTS_FILE
+    from omoe.tuners.model import WEIGHTS_NAME
+
+    if (work / RESULTS_FILE).is_file() and (work / WEIGHTS_NAME).is_file():
+        if _same_training(lambda: load_config(work / CONFIG_FILE), cell):
+            return CellState("trained", "adapter trained, not yet evaluated")
+        return CellState("stale", "work dir trained under another config")
+    latest = ckpt.latest_checkpoint(work)
+    if latest is not None:
+
+        def saved_config():
+            meta = json.loads((latest / ckpt.STATE_JSON).read_text(encoding="utf-8"))
+            return TrainConfig.from_dict(meta["config"])
+
+        if _same_training(saved_config, cell):
+            steps = cell.config.optim.max_steps
+            return CellState("checkpoint", f"resumes from {latest.name}" + (f" of {steps}" if steps else ""))
+        return CellState("stale", "checkpoint from another config")
+    return CellState("todo")
+
+
+def _same_training(read_config, cell: Cell) -> bool:
+    try:
+        return fingerprint(read_config()) == fingerprint(cell.config)
+    except (OSError, ValueError, KeyError, TypeError):  # ConfigError is a ValueError
+        return False
+
+
+class BaseModels:
+    """The base model and tokenizer, loaded once per model name (or given) and shared by the cells."""
+
+    def __init__(self, model=None, tokenizer=None):
+        self.given = model is not None
+        self.name: str | None = None
+        self.model, self.tokenizer = model, tokenizer
+
+    def get(self, config: TrainConfig):
+        """``(model, tokenizer, seconds spent loading)``: a fresh load when the name changes or the
+        last cell may have changed the model (gradient checkpointing, FSDP)."""
+        reusable = not (config.gradient_checkpointing or config.fsdp)
+        if self.given or (self.model is not None and self.name == config.model and reusable):
+            return self.model, self.tokenizer, 0.0
+        from omoe.models import load_model
+
+        t0 = time.perf_counter()
+        self.model = self.tokenizer = None
+        self.model, self.tokenizer = load_model(config.model)
+        self.name = config.model if reusable else None
+        return self.model, self.tokenizer, time.perf_counter() - t0
+
+    def forget(self) -> None:
+        """After a failure the shared model may still hold adapter layers: load it afresh next time."""
+        if not self.given:
+            self.model = self.tokenizer = self.name = None
+
+
+def run_experiment(
+    spec: ExperimentSpec,
+    only: list[str] | None = None,
+    *,
+    model=None,
+    tokenizer=None,
+    progress: bool = True,
+    echo=print,
+) -> list[dict]:
+    """Run the selected cells that are not done; return the result dicts written in this call.
+
+    ``model``/``tokenizer``: an in-memory base model to use for every cell instead of loading
+    ``base.model`` (tests). ``echo`` receives one progress line per cell.
+    """
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("omoe experiment runs in one process; use omoe train under torchrun for one cell")
+    cells = spec.select(only)
+    states = {c.id: cell_state(spec, c) for c in cells}
+    records = _eval_records(spec, cells)  # bad test data fails before any training
+    bases = BaseModels(model, tokenizer)
+    written = []
+    for i, cell in enumerate(cells, 1):
+        state = states[cell.id]
+        tag = f"[{i}/{len(cells)}] {cell.id}"
+        if state.state == "done":
+            echo(f"{tag}: done, skipped ({state.detail})")
+            continue
+        if state.state in ("stale", "todo"):
+            if state.state == "stale":
+                echo(f"{tag}: {state.detail}; running it again")
+                spec.result_path(cell).unlink(missing_ok=True)
+            if cell.work_dir.exists():
+                shutil.rmtree(cell.work_dir)  # nothing resumable in it
+        try:
+            result = run_cell(spec, cell, state, bases, records, progress)
+        except BaseException:
+            bases.forget()
+            raise
+        written.append(result)
+        echo(f"{tag}: {_summary_line(result)}")
+    return written
+
+
+def run_cell(
+    spec: ExperimentSpec, cell: Cell, state: CellState, bases: BaseModels, records, progress: bool
+) -> dict:
+    """Train (or resume, or reuse) and evaluate one cell; write its result JSON atomically."""
+    from omoe.eval.evaluate import evaluate
+    from omoe.train.trainer import RESULTS_FILE, train
+
+    start = time.perf_counter()
+    config = _with_progress(cell.config, progress)
+    base, tokenizer, load_s = bases.get(config)
+    t0 = time.perf_counter()
+    if state.state == "trained":
+        from omoe.eval.run import load_adapter
+
+        model = load_adapter(base, cell.work_dir).to(_device(config.device))
+        trained_now = False
+    else:
+        model = train(config, model=base, tokenizer=tokenizer, resume=state.state == "checkpoint").model
+        trained_now = True
+    train_s = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    metrics: dict[str, dict] = {}
+    predictions = []
+    try:
+        for task in cell.eval_tasks:
+            for protocol in spec.eval.protocols:
+                m, preds = evaluate(
+                    model, tokenizer, task, records[task], protocol, spec.eval.batch_size,
+                    progress=progress, **spec.eval.generation_options(protocol),
+                )  # fmt: skip
+                metrics.setdefault(task, {})[protocol] = _slim(m)
+                predictions.extend(preds)
+    finally:
+        model.unload()  # the shared base model gets its original modules back
+    eval_s = time.perf_counter() - t0
+
+    summary = json.loads((cell.work_dir / RESULTS_FILE).read_text(encoding="utf-8"))
+    from omoe.train.metrics import JSONL, read_metrics
+
+    rows = read_metrics(cell.work_dir / JSONL)
+    result = {
+        "kind": RESULT_KIND,
+        "schema": SCHEMA_VERSION,
+        "experiment": spec.name,
+        "description": spec.description,
+        "config_file": str(spec.path) if spec.path else None,
+        "cell": cell.id,
+        "method": cell.method,
+        "method_index": cell.method_index,
+        "method_overrides": cell.overrides,
+        "setting": cell.setting,
+        "train_tasks": cell.train_tasks,
+        "eval_tasks": cell.eval_tasks,
+        "seed": cell.seed,
+        "sweep": cell.sweep,
+        "sweep_index": cell.sweep_index,
+        "fingerprint": cell.fingerprint,
+        "train_config": cell.config.to_dict(),
+        "trainable_parameters": summary["trainable_parameters"],
+        "train": {
+            "steps": summary["steps"],
+            "num_examples": summary["num_examples"],
+            "num_truncated": summary["num_truncated"],
+            "first_loss": rows[0]["loss"] if rows else None,
+            "final_loss": rows[-1]["loss"] if rows else summary.get("final_loss"),
+            "wall_seconds": summary["elapsed_s"],
+            "resumed_from": summary.get("resumed_from"),
+            "trained_in_this_call": trained_now,
+        },
+        "eval": {
+            "protocols": list(spec.eval.protocols),
+            "limit": spec.eval.limit,
+            "batch_size": spec.eval.batch_size,
+            "max_new_tokens": spec.eval.max_new_tokens,
+            "num_beams": spec.eval.num_beams,
+            "splits": {t: spec.eval.split_of(t) for t in cell.eval_tasks},
+        },
+        "metrics": metrics,
+        "hardware": hardware(config.device),
+        "wall_seconds": {
+            "load": round(load_s, 3),
+            "train": round(train_s, 3),
+            "eval": round(eval_s, 3),
+            "total": round(time.perf_counter() - start, 3),
+        },
+        "work_dir": str(cell.work_dir),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    atomic_write_text(
+        cell.work_dir / PREDICTIONS, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
+    )
+    atomic_write_text(spec.result_path(cell), json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    return result
+
+
+def hardware(device: str = "auto") -> dict:
+    """Where a cell ran: device name, CPU threads, library versions."""
+    from omoe.eval.run import versions
+
+    dev = _device(device)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name()
+    return {"device": str(dev), "device_name": name, "cpu_threads": torch.get_num_threads(), **versions()}
+
+
+def cpu_name() -> str:
+    """The processor's model name (Linux ``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _eval_records(spec: ExperimentSpec, cells: list[Cell]) -> dict[str, list[dict]]:
+    tasks = dict.fromkeys(t for c in cells for t in c.eval_tasks)
+    return {t: load_task(t, spec.eval.split_of(t), limit=spec.eval.limit) for t in tasks}
+
+
+def _with_progress(config: TrainConfig, progress: bool) -> TrainConfig:
+    if progress or not config.logging.progress:
+        return config
+    import copy
+
+    config = copy.deepcopy(config)
+    config.logging.progress = False
+    return config
+
+
+def _slim(metrics: dict) -> dict:
+    keep = ("accuracy", "acc_norm", "n", "correct", "no_match", "seconds")
+    return {k: metrics[k] for k in keep if k in metrics}
+
+
+def _metrics_line(result: dict) -> str:
+    parts = []
+    for task, by_protocol in result.get("metrics", {}).items():
+        scores = " ".join(f"{p} {m['accuracy']:.3f}" for p, m in by_protocol.items())
+        parts.append(f"{task} {scores}")
+    return "; ".join(parts)
+
+
+def _summary_line(result: dict) -> str:
+    train = result["train"]
+    loss = f"{train['final_loss']:.4f}" if train["final_loss"] is not None else "n/a"
+    how = "trained" if train["trained_in_this_call"] else "reused the trained adapter,"
+    if train["trained_in_this_call"] and train["resumed_from"]:
+        how = f"resumed from {Path(train['resumed_from']).name},"
+    seconds = result["wall_seconds"]
+    return (
+        f"{how} {train['steps']} steps (loss {loss}), {result['trainable_parameters']:,d} params; "
+        f"{_metrics_line(result)}; train {seconds['train']:.1f} s, eval {seconds['eval']:.1f} s"
+    )

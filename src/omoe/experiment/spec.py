@@ -1,0 +1,367 @@
+"""An experiment file: one claim of the paper as a grid of cells, each one training run + evaluation.
+
+The YAML names a ``base`` training config (the keys of ``omoe train``), ``methods`` (named
+overrides of it), ``settings`` (``single``: one run per task, trained on its train split and scored
+on its test split; ``multi``: one run on the mixture of ``tasks``, scored on each test split),
+``seeds``, an optional ``sweep`` of any keys, and an ``eval`` block. :func:`load_experiment` checks
+all of it and resolves every cell's :class:`~omoe.train.TrainConfig` before anything runs, so a bad
+key, method, task or value is a one-line :class:`~omoe.errors.ConfigError`. Schema and examples:
+``docs/experiments.md``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import itertools
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omoe.data.tasks import get_task
+from omoe.errors import ConfigError
+from omoe.eval.evaluate import PROTOCOLS, get_protocol
+from omoe.train import options
+from omoe.train.config import PAPER_TASKS, DataConfig, TrainConfig
+
+SETTINGS = ("single", "multi")
+SPEC_KEYS = (
+    "name", "description", "base", "tasks", "settings", "methods", "seeds", "sweep", "eval",
+    "results_dir", "work_dir",
+)  # fmt: skip
+# Keys the grid sets itself in every cell; methods and sweeps may not.
+GRID_KEYS = ("output_dir", "seed", "data.tasks", "data.data_file", "data.task")
+# Keys that do not change a cell's numbers: a result computed under other values still counts.
+FREE_KEYS = ("output_dir", "device", "fsdp", "gradient_checkpointing", "checkpoint_every", "keep_checkpoints",
+             "logging.")  # fmt: skip
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+
+
+@dataclass
+class EvalOptions:
+    """How every cell is evaluated (the ``eval`` block)."""
+
+    protocols: list[str] = field(
+        default_factory=lambda: ["generate"],
+        metadata={"help": f"protocols to score each test set with, from {', '.join(PROTOCOLS)}"},
+    )
+    limit: int | None = field(
+        default=None, metadata={"help": "first N test records of each task (file order); null = all"}
+    )
+    batch_size: int = field(default=8, metadata={"help": "prompts per forward/generate call"})
+    max_new_tokens: int = field(default=32, metadata={"help": "generate only: generation length limit"})
+    num_beams: int = field(default=1, metadata={"help": "generate only: 1 = greedy"})
+    tasks: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "multi-task cells: the test sets to score (default: the trained tasks); single-task "
+            "cells are scored on their own task"
+        },
+    )
+    split: str | None = field(
+        default=None,
+        metadata={"help": "bundled split to score (default: test, or sample where only one ships)"},
+    )
+
+    def __post_init__(self) -> None:
+        for key in ("limit", "batch_size", "max_new_tokens", "num_beams"):
+            value = getattr(self, key)
+            if (value is not None or key != "limit") and (isinstance(value, bool) or value < 1):
+                raise ConfigError(f"eval.{key} must be an integer >= 1, got {value!r}")
+        if not self.protocols:
+            raise ConfigError("eval.protocols must name at least one protocol")
+        if len(set(self.protocols)) != len(self.protocols):
+            raise ConfigError(f"eval.protocols lists a protocol twice: {self.protocols}")
+        for name in self.protocols:
+            get_protocol(name, **self.generation_options(name))
+        for name in self.tasks or []:
+            self.split_of(name)
+
+    def split_of(self, task: str) -> str:
+        """The split scored for ``task``; raises if the task does not ship it."""
+        t = get_task(task)
+        split = self.split or t.eval_split
+        if split not in t.splits:
+            raise ConfigError(
+                f"task {t.name} has no bundled {split!r} split; it ships: {', '.join(t.splits)}"
+            )
+        return split
+
+    def generation_options(self, protocol: str) -> dict:
+        """Keyword arguments of :func:`omoe.eval.evaluate` for ``protocol``."""
+        if protocol != "generate":
+            return {}
+        return {"max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams}
+
+
+@dataclass
+class Cell:
+    """One training run of the grid and the test sets it is scored on."""
+
+    id: str
+    method: str
+    method_index: int
+    overrides: dict  # the method's {dotted key: value}
+    setting: str
+    train_tasks: list[str]
+    eval_tasks: list[str]
+    seed: int
+    sweep: dict  # {dotted key: value} of this sweep point
+    sweep_index: int
+    config: TrainConfig
+    fingerprint: str = ""
+
+    @property
+    def work_dir(self) -> Path:
+        return Path(self.config.output_dir)
+
+
+@dataclass
+class ExperimentSpec:
+    """A parsed experiment file with every cell resolved."""
+
+    name: str
+    description: str
+    path: Path | None
+    eval: EvalOptions
+    results_dir: Path
+    work_dir: Path
+    methods: dict[str, dict]
+    cells: list[Cell]
+
+    def result_path(self, cell: Cell) -> Path:
+        return self.results_dir / f"{cell.id}.json"
+
+    def select(self, patterns: list[str] | None) -> list[Cell]:
+        """Cells whose id matches any pattern: a glob (``*``, ``?``, ``[``) or else a substring."""
+        if not patterns:
+            return list(self.cells)
+        from fnmatch import fnmatchcase
+
+        def hit(cell_id: str, pattern: str) -> bool:
+            return fnmatchcase(cell_id, pattern) if any(c in pattern for c in "*?[") else pattern in cell_id
+
+        chosen = [c for c in self.cells if any(hit(c.id, p) for p in patterns)]
+        if not chosen:
+            raise ConfigError(
+                f"--only {' '.join(patterns)} matches no cell of {self.name}; cells: "
+                + ", ".join(c.id for c in self.cells[:8])
+                + (", ..." if len(self.cells) > 8 else "")
+            )
+        return chosen
+
+
+def load_experiment(
+    path: str | Path, results_dir: str | Path | None = None, work_dir: str | Path | None = None
+) -> ExperimentSpec:
+    """Read and check an experiment file; resolve every cell's training config."""
+    path = Path(path)
+    data = options.read_yaml(path)
+    return build_experiment(data, path, results_dir, work_dir)
+
+
+def build_experiment(data: dict, path: Path | None = None, results_dir=None, work_dir=None) -> ExperimentSpec:
+    where = str(path) if path else "experiment"
+    unknown = [k for k in data if k not in SPEC_KEYS]
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(SPEC_KEYS)}")
+    name = str(data.get("name") or (path.stem if path else ""))
+    if not _NAME.fullmatch(name):
+        raise ConfigError(f"{where}: name {name!r} must be letters, digits and . _ + - (a directory name)")
+    description = str(data.get("description") or "")
+
+    base = data.get("base") or {}
+    if not isinstance(base, dict):
+        raise ConfigError(f"{where}: base must be a mapping of training-config keys, got {base!r}")
+    base = _nested(_flatten(base), f"{where}: base")
+    for key in ("output_dir", "data.data_file", "data.task"):
+        if _get(base, key) is not None:
+            raise ConfigError(f"{where}: base.{key} is set by the grid (work_dir/<cell>, tasks); remove it")
+    try:
+        TrainConfig.from_dict(base)  # base alone must be valid
+    except ConfigError as err:
+        raise ConfigError(f"{where}: base: {err}") from None
+
+    tasks = _str_list(data.get("tasks", _get(base, "data.tasks") or list(PAPER_TASKS)), "tasks", where)
+    DataConfig(tasks=tasks)  # every task exists and ships a train split
+    settings = _str_list(data.get("settings", ["multi"]), "settings", where)
+    for s in settings:
+        if s not in SETTINGS:
+            raise ConfigError(f"{where}: unknown setting {s!r}; allowed: {', '.join(SETTINGS)}")
+    if len(set(settings)) != len(settings):
+        raise ConfigError(f"{where}: settings lists a setting twice: {settings}")
+    seeds = data.get("seeds", [_get(base, "seed") if _get(base, "seed") is not None else 42])
+    seeds = seeds if isinstance(seeds, list) else [seeds]
+    if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
+        raise ConfigError(f"{where}: seeds must be a list of integers >= 0, got {data.get('seeds')!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{where}: seeds lists a seed twice: {seeds}")
+
+    methods = _methods(data.get("methods"), where)
+    points = _sweep_points(data.get("sweep"), where)
+    eval_options = options.build(EvalOptions, data.get("eval"), "eval.")
+    results_dir = Path(results_dir or data.get("results_dir") or Path("results") / name)
+    work_dir = Path(work_dir or data.get("work_dir") or Path("runs") / "experiments" / name)
+
+    cells: list[Cell] = []
+    seen: dict[str, Cell] = {}
+    for seed, setting in itertools.product(seeds, settings):
+        groups = [[t] for t in tasks] if setting == "single" else [tasks]
+        for train_tasks, (sweep_index, point) in itertools.product(groups, enumerate(points)):
+            for method_index, (method, overrides) in enumerate(methods.items()):
+                cell_id = _cell_id(method, setting, train_tasks, point, seed)
+                config_data = copy.deepcopy(base)
+                for key, value in (*overrides.items(), *point.items()):  # the sweep wins over the method
+                    options.set_dotted(config_data, TrainConfig, key, copy.deepcopy(value))
+                config_data["seed"] = seed
+                config_data["output_dir"] = str(work_dir / cell_id)
+                config_data.setdefault("data", {})["tasks"] = list(train_tasks)
+                try:
+                    config = TrainConfig.from_dict(config_data)
+                except ConfigError as err:
+                    raise ConfigError(f"{where}: cell {cell_id}: {err}") from None
+                if setting == "single":
+                    eval_tasks = list(train_tasks)
+                else:
+                    eval_tasks = list(eval_options.tasks or tasks)
+                for t in eval_tasks:
+                    eval_options.split_of(t)
+                cell = Cell(cell_id, method, method_index, overrides, setting, list(train_tasks), eval_tasks,
+                            seed, point, sweep_index, config)  # fmt: skip
+                if cell_id in seen:
+                    raise ConfigError(
+                        f"{where}: two cells would share the id {cell_id}; rename a method or sweep value"
+                    )
+                cell.fingerprint = fingerprint(config, eval_options, eval_tasks)
+                seen[cell_id] = cell
+                cells.append(cell)
+    return ExperimentSpec(name, description, path, eval_options, results_dir, work_dir, methods, cells)
+
+
+def fingerprint(config: TrainConfig, eval_options: EvalOptions | None = None, eval_tasks=None) -> str:
+    """Hash of everything that changes a cell's numbers (not paths, devices or logging); without
+    ``eval_options``, of the training alone (to recognise a half-finished cell's work dir)."""
+    payload: dict = {
+        "train": {k: v for k, v in _flatten(config.to_dict()).items() if not k.startswith(FREE_KEYS)}
+    }
+    if eval_options is not None:
+        payload.update(eval=options.to_dict(eval_options), eval_tasks=list(eval_tasks))
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------- helpers
+def _methods(raw, where: str) -> dict[str, dict]:
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(
+            f"{where}: methods must map method names to overrides, e.g. lora_r16: {{adapter.method: lora}}"
+        )
+    methods = {}
+    for name, overrides in raw.items():
+        name = str(name)
+        if not _NAME.fullmatch(name) or "__" in name:
+            raise ConfigError(f"{where}: method name {name!r} must be letters, digits and . _ + - (no '__')")
+        if overrides is None:
+            overrides = {}
+        if not isinstance(overrides, dict):
+            raise ConfigError(
+                f"{where}: methods.{name} must be a mapping of keys to values, got {overrides!r}"
+            )
+        flat = _flatten(overrides)
+        for key in flat:
+            _check_key(key, f"{where}: methods.{name}")
+        methods[name] = flat
+    return methods
+
+
+def _sweep_points(raw, where: str) -> list[dict]:
+    """The cartesian product of the sweep; a key ``a,b`` sweeps several keys together."""
+    if raw is None or raw == {}:
+        return [{}]
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: sweep must map keys to lists of values, got {raw!r}")
+    axes = []
+    for key, values in raw.items():
+        keys = [k.strip() for k in str(key).split(",")]
+        for k in keys:
+            _check_key(k, f"{where}: sweep")
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}: sweep.{key} must be a non-empty list of values, got {values!r}")
+        axis = []
+        for value in values:
+            if len(keys) == 1:
+                axis.append({keys[0]: value})
+            elif isinstance(value, list) and len(value) == len(keys):
+                axis.append(dict(zip(keys, value)))
+            else:
+                raise ConfigError(
+                    f"{where}: sweep.{key} sweeps {len(keys)} keys together; each value must be a list of {len(keys)}, got {value!r}"
+                )
+        axes.append(axis)
+    return [{k: v for part in combo for k, v in part.items()} for combo in itertools.product(*axes)]
+
+
+def _check_key(key: str, where: str) -> None:
+    if key in GRID_KEYS:
+        raise ConfigError(
+            f"{where}: {key} is set by the grid (seeds, tasks, settings, work_dir), not per method or sweep"
+        )
+    options.set_dotted({}, TrainConfig, key, None)  # unknown key: ConfigError listing the valid ones
+
+
+def _cell_id(method: str, setting: str, tasks: list[str], point: dict, seed: int) -> str:
+    parts = [method, f"single-{tasks[0]}" if setting == "single" else "multi"]
+    if point:
+        short = {k: k.rsplit(".", 1)[-1] for k in point}
+        if len(set(short.values())) < len(short):
+            short = {k: k for k in point}
+        parts.append("+".join(f"{short[k]}-{_slug(v)}" for k, v in point.items()))
+    parts.append(f"seed{seed}")
+    return "__".join(parts)
+
+
+def _slug(value) -> str:
+    if isinstance(value, list):
+        return "_".join(_slug(v) for v in value)
+    text = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    return re.sub(r"[^A-Za-z0-9.+-]", "_", text)
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    """Nested mappings to ``{dotted key: value}`` (values that are lists stay whole)."""
+    flat = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{dotted}."))
+        else:
+            flat[dotted] = value
+    return flat
+
+
+def _nested(flat: dict, where: str) -> dict:
+    nested: dict = {}
+    for key, value in flat.items():
+        try:
+            options.set_dotted(nested, TrainConfig, key, value)
+        except ConfigError as err:
+            raise ConfigError(f"{where}: {err}") from None
+    return nested
+
+
+def _get(data: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return None
+        data = data[part]
+    return data
+
+
+def _str_list(value, key: str, where: str) -> list[str]:
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",") if v.strip()]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where}: {key} must be a non-empty list of names, got {value!r}")
+    if len(set(value)) != len(value):
+        raise ConfigError(f"{where}: {key} lists a name twice: {value}")
+    return value
