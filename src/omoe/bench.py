@@ -252,7 +252,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="model shape (default: llama2-7b on CUDA, cpu-small otherwise)",
     )
     parser.add_argument(
-        "--variants", default=",".join(VARIANTS), help=f"comma list from {', '.join(VARIANTS)}"
+        "--variants",
+        default=None,
+        help=f"comma list from {', '.join(VARIANTS)} (with --table3: from {', '.join(_table3_methods())})",
     )
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
@@ -269,28 +271,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--output", default=None, help="also write the results as JSON to this file")  # fmt: skip
+    table3 = parser.add_argument_group(
+        "Table 3 (--table3)",
+        "generation latency and extra memory of LoRA, DoRA, MoE and OMoE over the base model, one run "
+        "(default preset: llama2-7b on CUDA, smollm2-135m on CPU; random weights)",
+    )
+    table3.add_argument("--table3", action="store_true", help="measure the paper's Table 3 instead")
+    table3.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt")
+    table3.add_argument("--prompt-tokens", type=int, default=64, help="tokens per prompt (random ids)")
+
+
+def _table3_methods() -> tuple[str, ...]:
+    from omoe.experiment.efficiency import METHODS
+
+    return tuple(METHODS)
 
 
 def main_from_args(args: argparse.Namespace) -> int:
     from omoe.errors import ConfigError
 
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in variants if v not in VARIANTS]
+    if args.table3:
+        from omoe.experiment.efficiency import DEFAULT_METHODS
+
+        allowed, default = _table3_methods(), DEFAULT_METHODS
+    else:
+        allowed, default = VARIANTS, VARIANTS
+    variants = [v.strip() for v in (args.variants or ",".join(default)).split(",") if v.strip()]
+    bad = [v for v in variants if v not in allowed]
     if bad or not variants:
-        raise ConfigError(f"unknown variant(s) {', '.join(bad) or '(none)'}; allowed: {', '.join(VARIANTS)}")
-    for name in ("steps", "warmup", "batch", "seq", "r", "layers", "rounds", "threads"):
+        raise ConfigError(f"unknown variant(s) {', '.join(bad) or '(none)'}; allowed: {', '.join(allowed)}")
+    for name in ("steps", "warmup", "batch", "seq", "r", "layers", "rounds", "threads", "new_tokens",
+                 "prompt_tokens"):  # fmt: skip
         value = getattr(args, name)
         if value is not None and value < (0 if name == "warmup" else 1):
-            raise ConfigError(f"--{name} must be >= {0 if name == 'warmup' else 1}, got {value}")
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= {0 if name == 'warmup' else 1}, got {value}")
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda asked for, but CUDA is not available; allowed here: cpu")
-    preset = args.preset or (
-        "llama2-7b"
-        if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
-        else "cpu-small"
-    )
+    on_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
+    if args.table3:
+        from omoe.experiment.efficiency import table3_main
+
+        return table3_main(args, args.preset or ("llama2-7b" if on_cuda else "smollm2-135m"), variants)
+    preset = args.preset or ("llama2-7b" if on_cuda else "cpu-small")
     meta, results = run(
         preset,
         variants,
