@@ -304,7 +304,9 @@ def main_from_args(args: argparse.Namespace) -> int:
                  "prompt_tokens"):  # fmt: skip
         value = getattr(args, name)
         if value is not None and value < (0 if name == "warmup" else 1):
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= {0 if name == 'warmup' else 1}, got {value}")
+            raise ConfigError(
+                f"--{name.replace('_', '-')} must be >= {0 if name == 'warmup' else 1}, got {value}"
+            )
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
