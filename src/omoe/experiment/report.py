@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from omoe.errors import ConfigError
-from omoe.utils import atomic_write_text
+from omoe.utils import atomic_save_figure, atomic_write_text
 
 TABLES = ("1", "2", "3", "4", "10", "fig4")
 BENCH_KIND = "omoe.bench.table3"
@@ -466,28 +466,12 @@ def write_tables(tables: list[Table], output: str | Path) -> list[Path]:
         md, csv_path = output / f"{t.name}.md", output / f"{t.name}.csv"
         if t.figure is not None:
             png = output / f"{t.name}.png"
-            _atomic_png(t.figure, png)
+            atomic_save_figure(t.figure, png)
             written.append(png)
         atomic_write_text(csv_path, _csv_text(t.csv_rows))
         atomic_write_text(md, t.markdown + "\n")
         written += [md, csv_path]
     return written
-
-
-def _atomic_png(figure, path: Path) -> None:
-    import os
-    import tempfile
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        figure.savefig(tmp, dpi=120)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _csv_text(rows: list[dict]) -> str:

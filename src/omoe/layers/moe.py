@@ -40,6 +40,9 @@ class ExpertCapture(NamedTuple):
     mixed: ``(S, N, d)`` what was mixed (``E'_s(x)`` for OMoE, ``E_s(x)`` for vanilla MoE).
     weights, indices: the routing, ``(S, N)`` each (``indices`` is None under soft routing).
     mask: ``(N,)`` real tokens, or None.
+    all_raw: ``(E, N, d)`` every expert's ``E_e(x)`` on every token, so that experts can be compared
+        on the same tokens: ``raw`` itself under soft routing; under top-k only when the layer's
+        ``capture_all_experts`` is set (an extra dense pass over all experts), else None.
     """
 
     raw: torch.Tensor
@@ -47,6 +50,7 @@ class ExpertCapture(NamedTuple):
     weights: torch.Tensor
     indices: torch.Tensor | None
     mask: torch.Tensor | None
+    all_raw: torch.Tensor | None = None
 
 
 class MoELayer(nn.Module):
@@ -62,6 +66,7 @@ class MoELayer(nn.Module):
         self.token_mask = token_mask or TokenMask()
         self.disabled = False
         self.capture = False
+        self.capture_all_experts = False  # with capture: also every expert's E_e(x) under top-k
         self.last_router_stats: RouterStats | None = None
         self.last_capture: ExpertCapture | None = None
 
@@ -71,16 +76,26 @@ class MoELayer(nn.Module):
         self.last_router_stats = Router.stats(routing, self.token_mask.get(x.shape[0]))
         return routing
 
-    def mix(self, reps: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """Transform (Gram-Schmidt for OMoE) and mix ``(S, N, d)`` representations into ``(N, d)``."""
+    def wants_all_experts(self, routing: Routing) -> bool:
+        """Whether this pass must also compute every expert's representation (capture under top-k)."""
+        return self.capture and self.capture_all_experts and routing.indices is not None
+
+    def mix(self, reps: torch.Tensor, routing: Routing, all_reps: torch.Tensor | None = None) -> torch.Tensor:
+        """Transform (Gram-Schmidt for OMoE) and mix ``(S, N, d)`` representations into ``(N, d)``.
+
+        ``all_reps``: ``(E, N, d)`` every expert's representation, recorded by a capture only.
+        """
         if self.capture:
             mixed = self.mixer.transform(reps)
+            if routing.indices is None:
+                all_reps = reps
             self.last_capture = ExpertCapture(
                 reps.detach(),
                 mixed.detach(),
                 routing.weights.detach(),
                 None if routing.indices is None else routing.indices.detach(),
                 self.token_mask.get(reps.shape[1]),
+                None if all_reps is None else all_reps.detach(),
             )
             return self.mixer(mixed, routing.weights)
         if self.mixer.orthogonal and torch.is_grad_enabled():
@@ -111,7 +126,10 @@ class MoELinear(MoELayer):
         routing = self.route(x2)
         base_out = without_bias(y, self.base_layer) if self.omoe_experts.is_dora else None
         reps = self.omoe_experts(x2, routing.indices, base_out, self.base_layer)  # (S, N, out)
-        return y + self.mix(reps, routing).view(y.shape).to(y.dtype)
+        all_reps = None
+        if self.wants_all_experts(routing):
+            all_reps = self.omoe_experts(x2, None, base_out, self.base_layer)  # (E, N, out)
+        return y + self.mix(reps, routing, all_reps).view(y.shape).to(y.dtype)
 
 
 class MoEFeedForward(MoELayer):
@@ -189,9 +207,20 @@ class MoEFeedForward(MoELayer):
             return out.view(*shape[:-1], -1)
 
         d0 = mlp.down_proj(h0)  # FFN_0(x), (N, H)
-        dh = _frozen_matmul(mlp.down_proj, h)  # (S, N, H), no bias
-        bias = mlp.down_proj.bias
-        reps = dh - (d0 if bias is None else d0 - bias)  # frozen part of E_s(x)
-        if down_experts is not None:
-            reps = reps + down_experts(h, idx, dh, mlp.down_proj)  # E_s(x) = FFN_s(x) - FFN_0(x)
-        return (d0 + self.mix(reps, routing).to(d0.dtype)).view(*shape[:-1], -1)
+        reps = self._representations(h, idx, d0)  # (S, N, H)
+        all_reps = None
+        if self.wants_all_experts(routing):  # every expert on every token, for analysis
+            _, h_all = self._hidden(x2, None, g0, u0)
+            if h_all.dim() == 2:
+                h_all = h_all.expand(self.omoe_router.num_experts, *h_all.shape)
+            all_reps = self._representations(h_all, None, d0)  # (E, N, H)
+        return (d0 + self.mix(reps, routing, all_reps).to(d0.dtype)).view(*shape[:-1], -1)
+
+    def _representations(self, h: torch.Tensor, idx, d0: torch.Tensor) -> torch.Tensor:
+        """``E_s(x) = FFN_s(x) - FFN_0(x)`` per slot, ``(S, N, H)``, from the slots' hidden ``(S, N, I)``."""
+        down = self.base_layer.down_proj
+        dh = _frozen_matmul(down, h)  # (S, N, H), no bias
+        reps = dh - (d0 if down.bias is None else d0 - down.bias)  # frozen part of E_s(x)
+        if "down" in self.omoe_experts:
+            reps = reps + self.omoe_experts["down"](h, idx, dh, down)
+        return reps

@@ -92,17 +92,22 @@ class OMoEModel(nn.Module):
         return torch.stack(losses).sum()
 
     @contextlib.contextmanager
-    def capture_representations(self):
+    def capture_representations(self, all_experts: bool = False):
         """Within the block, every MoE layer keeps its last :class:`ExpertCapture`; read them with
-        :meth:`expert_representations` after each forward."""
+        :meth:`expert_representations` after each forward.
+
+        ``all_experts``: under top-k routing also compute every expert's representation on every
+        token (``ExpertCapture.all_raw``), to compare experts on the same tokens; it costs a dense
+        pass over all experts. Under soft routing ``all_raw`` is ``raw`` anyway.
+        """
         layers = self.moe_layers().values()
         for m in layers:
-            m.capture, m.last_capture = True, None
+            m.capture, m.capture_all_experts, m.last_capture = True, all_experts, None
         try:
             yield self
         finally:
             for m in layers:
-                m.capture = False
+                m.capture, m.capture_all_experts = False, False
 
     def expert_representations(self) -> dict[str, ExpertCapture]:
         return {n: m.last_capture for n, m in self.moe_layers().items() if m.last_capture is not None}
