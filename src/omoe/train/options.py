@@ -101,7 +101,9 @@ def _coerce(value, tp):
         if value is None or (isinstance(value, str) and value.strip().lower() in _NONE):
             if type(None) in args:
                 return None
-            raise ValueError
+            if value is None:
+                raise ValueError
+            # not nullable: 'none' is an ordinary string here (e.g. orthogonal_layers: none)
         for arg in args:
             if arg is type(None):
                 continue
