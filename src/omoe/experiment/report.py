@@ -137,7 +137,10 @@ class Row:
 def group(cells: list[dict], setting: str, protocol: str, row_of: Callable[[dict], tuple[tuple, str]]):
     """Rows (sorted) and tasks (in order of appearance) of the cells of one setting and protocol."""
     rows: dict[str, Row] = {}
-    tasks: list[str] = []
+    tasks: list[str] = []  # the experiment's task order, then any other test sets
+    seen: set[str] = set()
+    for c in cells:
+        tasks += [t for t in c.get("tasks", []) if t not in tasks]
     for c in cells:
         if c["setting"] != setting:
             continue
@@ -150,9 +153,10 @@ def group(cells: list[dict], setting: str, protocol: str, row_of: Callable[[dict
                 continue
             if task not in tasks:
                 tasks.append(task)
+            seen.add(task)
             row.acc.setdefault(task, {})[c["seed"]] = m["accuracy"]
             row.n.setdefault(task, set()).add(m["n"])
-    return sorted(rows.values(), key=lambda r: r.order), tasks
+    return sorted(rows.values(), key=lambda r: r.order), [t for t in tasks if t in seen]
 
 
 def method_row(cells: list[dict]) -> Callable[[dict], tuple[tuple, str]]:

@@ -208,6 +208,7 @@ def run_cell(
         "method_index": cell.method_index,
         "method_overrides": cell.overrides,
         "setting": cell.setting,
+        "tasks": spec.tasks,
         "train_tasks": cell.train_tasks,
         "eval_tasks": cell.eval_tasks,
         "seed": cell.seed,

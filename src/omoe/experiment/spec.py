@@ -125,6 +125,7 @@ class ExperimentSpec:
     description: str
     path: Path | None
     eval: EvalOptions
+    tasks: list[str]
     results_dir: Path
     work_dir: Path
     methods: dict[str, dict]
@@ -236,7 +237,7 @@ def build_experiment(data: dict, path: Path | None = None, results_dir=None, wor
                 cell.fingerprint = fingerprint(config, eval_options, eval_tasks)
                 seen[cell_id] = cell
                 cells.append(cell)
-    return ExperimentSpec(name, description, path, eval_options, results_dir, work_dir, methods, cells)
+    return ExperimentSpec(name, description, path, eval_options, tasks, results_dir, work_dir, methods, cells)
 
 
 def fingerprint(config: TrainConfig, eval_options: EvalOptions | None = None, eval_tasks=None) -> str:

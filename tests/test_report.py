@@ -1,0 +1,237 @@
+"""``omoe report``: each table from synthetic result JSONs, with hand-computed means and sample
+standard deviations; Fig. 4 writes a PNG; bad input is a one-line error that writes nothing."""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+
+import pytest
+
+from omoe.cli.main import main
+from omoe.experiment.report import available_tables, build_tables, format_mean_std, load_results, mean_std
+from omoe.experiment.runner import RESULT_KIND
+from omoe.train.config import TrainConfig
+
+
+def cell(method, setting, task_acc, seed=0, method_index=0, sweep=None, sweep_index=0, params=1000,
+         protocol="generate", adapter=None, experiment="exp"):  # fmt: skip
+    """A result JSON as ``omoe experiment`` writes it (only the fields the report reads are real)."""
+    config = TrainConfig().to_dict()
+    config["adapter"].update(adapter or {})
+    tasks = list(task_acc)
+    name = "__".join([method, f"single-{tasks[0]}" if setting == "single" else "multi",
+                      *[f"{k}-{v}" for k, v in (sweep or {}).items()], f"seed{seed}"])  # fmt: skip
+    return {
+        "kind": RESULT_KIND, "schema": 1, "experiment": experiment, "cell": name, "method": method,
+        "method_index": method_index, "setting": setting, "tasks": ["boolq", "ARC-Easy"], "train_tasks": tasks,
+        "eval_tasks": tasks,
+        "seed": seed, "sweep": sweep or {}, "sweep_index": sweep_index, "train_config": config,
+        "trainable_parameters": params, "eval": {"protocols": [protocol]},
+        "metrics": {t: {protocol: {"accuracy": a, "n": 40, "correct": round(40 * a), "no_match": 0}}
+                    for t, a in task_acc.items()},
+    }  # fmt: skip
+
+
+def write(tmp_path, cells, name="results"):
+    out = tmp_path / name
+    out.mkdir()
+    for c in cells:
+        (out / f"{c['cell']}.json").write_text(json.dumps(c))
+    return out
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def row(markdown: str, label: str) -> list[str]:
+    line = next(line for line in markdown.splitlines() if line.startswith(f"| {label} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_mean_and_sample_std_and_the_one_seed_wording():
+    assert mean_std([0.5, 0.6, 0.7]) == pytest.approx((0.6, 0.1))
+    assert format_mean_std([0.5, 0.6, 0.7]) == "60.0 ± 10.0"
+    assert format_mean_std([0.55]) == "55.0 ±0.0 (1 seed)"
+    assert format_mean_std([0.5, 0.7], expected_seeds=3) == "60.0 ± 14.1 (2 seeds)"
+    assert format_mean_std([]) == "–"
+
+
+def test_table1_rows_are_methods_with_mean_std_over_seeds_avg_per_seed_and_params(tmp_path, capsys):
+    boolq = {"lora": [0.50, 0.60, 0.70], "omoe": [0.70, 0.70, 0.75]}
+    arc = {"lora": [0.30, 0.20, 0.40], "omoe": [0.50, 0.45, 0.40]}
+    cells = [
+        cell(m, "single", {task: acc[m][s]}, seed=s, method_index=i, params=p)
+        for i, (m, p) in enumerate((("lora", 8192), ("omoe", 22528)))
+        for task, acc in (("boolq", boolq), ("ARC-Easy", arc))
+        for s in range(3)
+    ]
+    results = write(tmp_path, cells)
+    assert main(["report", "--results", str(results), "--table", "1", "--output", str(tmp_path / "out")]) == 0
+    md = (tmp_path / "out" / "table1.md").read_text()
+    assert "protocol `generate`" in md and "over 3 seed(s)" in md and "boolq 40" in md
+    assert "| method | #params | boolq | ARC-Easy | Avg |" in md  # the experiment's task order
+    # lora's per-seed averages are 40, 40 and 55: mean 45, sample std 8.66
+    assert row(md, "lora") == ["lora", "8,192", "60.0 ± 10.0", "30.0 ± 10.0", "45.0 ± 8.7"]
+    avg = [statistics.fmean([boolq["omoe"][s], arc["omoe"][s]]) * 100 for s in range(3)]
+    omoe = row(md, "omoe")
+    assert omoe[:2] == ["omoe", "22,528"]
+    assert omoe[4] == f"{statistics.fmean(avg):.1f} ± {statistics.stdev(avg):.1f}"
+    assert md in capsys.readouterr().out
+    rows = read_csv(tmp_path / "out" / "table1.csv")
+    assert [r["row"] for r in rows] == ["lora", "omoe"]
+    assert float(rows[0]["boolq_mean"]) == pytest.approx(60.0) and float(
+        rows[0]["boolq_std"]
+    ) == pytest.approx(10.0)
+    assert rows[0]["boolq_seeds"] == "3" and rows[0]["trainable_parameters"] == "8192"
+
+
+def test_table2_shows_single_multi_and_their_difference(tmp_path):
+    cells = [
+        cell("omoe", "single", {"boolq": 0.6}),
+        cell("omoe", "single", {"ARC-Easy": 0.4}),
+        cell("omoe", "multi", {"boolq": 0.7, "ARC-Easy": 0.3}),
+    ]
+    (table,) = build_tables(load_results(write(tmp_path, cells)), ["2"])
+    md = table.markdown
+    assert row(md, "omoe")[:5] == ["omoe", "single", "1,000", "60.0 ±0.0 (1 seed)", "40.0 ±0.0 (1 seed)"]
+    multi = next(line for line in md.splitlines() if "| multi |" in line)
+    assert multi.split("|")[4].strip() == "70.0 ±0.0 (1 seed)"
+    delta = next(line for line in md.splitlines() if "Δ multi − single" in line)
+    assert [c.strip() for c in delta.strip("|").split("|")][3:] == ["+10.0", "-10.0", "+0.0"]
+
+
+def test_table4_rows_are_the_orthogonal_layers_choices_per_setting(tmp_path):
+    cells = [
+        cell(
+            "omoe",
+            "multi",
+            {"boolq": acc},
+            sweep={"adapter.orthogonal_layers": layers},
+            sweep_index=i,
+            adapter={"orthogonal_layers": layers},
+        )
+        for i, (layers, acc) in enumerate((("all", 0.7), ("none", 0.6), ("low+high", 0.65)))
+    ]
+    results = load_results(write(tmp_path, cells))
+    assert "4" in available_tables(results)
+    (table,) = build_tables(results, ["4"])
+    labels = [line.split("|")[1].strip() for line in table.markdown.splitlines() if line.startswith("| ")][1:]
+    assert labels == ["all", "none", "low+high"]
+    assert row(table.markdown, "none")[2] == "60.0 ±0.0 (1 seed)"
+    assert "multi-task accuracy (%), protocol `generate`" in table.markdown
+
+
+def test_table10_rows_are_method_and_rank_with_parameter_counts(tmp_path):
+    cells = [
+        cell(
+            "omoe",
+            "multi",
+            {"boolq": 0.5 + r / 100},
+            sweep={"adapter.r": r},
+            sweep_index=i,
+            params=1000 * r,
+            adapter={"r": r, "alpha": 2 * r},
+        )
+        for i, r in enumerate((2, 8, 32))
+    ]
+    (table,) = build_tables(load_results(write(tmp_path, cells)), ["10"])
+    assert row(table.markdown, "omoe r=8") == [
+        "omoe r=8",
+        "8,000",
+        "58.0 ±0.0 (1 seed)",
+        "58.0 ±0.0 (1 seed)",
+    ]
+    assert [r["row"] for r in table.csv_rows] == ["omoe r=2", "omoe r=8", "omoe r=32"]
+
+
+def test_fig4_draws_accuracy_against_the_number_of_experts_one_line_per_routing(tmp_path):
+    cells = []
+    for i, (method, top_k) in enumerate((("omoe_soft", None), ("omoe_top2", 2))):
+        for j, k in enumerate((2, 4, 8)):
+            for seed in (0, 1):
+                acc = 0.5 + 0.01 * k + 0.02 * seed + (0.05 if top_k else 0)
+                cells.append(cell(method, "multi", {"boolq": acc, "ARC-Easy": acc - 0.1}, seed=seed, method_index=i,
+                                  sweep={"adapter.num_experts": k}, sweep_index=j,
+                                  adapter={"num_experts": k, "top_k": top_k,
+                                           "routing": "topk" if top_k else "soft"}))  # fmt: skip
+    results = write(tmp_path, cells)
+    assert main(["report", "--results", str(results), "--output", str(tmp_path / "out")]) == 0
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == [
+        "fig4.csv",
+        "fig4.md",
+        "fig4.png",
+        "table2.csv",
+        "table2.md",
+    ]
+    assert (out / "fig4.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    points = read_csv(out / "fig4.csv")
+    assert {p["line"] for p in points} == {"omoe_soft (soft)", "omoe_top2 (top-2)"}
+    p = next(p for p in points if p["line"] == "omoe_top2 (top-2)" and p["adapter.num_experts"] == "4")
+    per_seed = [100 * (0.5 + 0.04 + 0.02 * s + 0.05 - 0.05) for s in (0, 1)]  # mean of the two tasks
+    assert float(p["mean"]) == pytest.approx(statistics.fmean(per_seed))
+    assert float(p["std"]) == pytest.approx(statistics.stdev(per_seed)) and p["seeds"] == "2"
+
+
+def test_table3_reads_the_bench_json(tmp_path):
+    bench = {
+        "kind": "omoe.bench.table3",
+        "meta": {"device": "NVIDIA H100", "preset": "llama2-7b", "weights": "random weights", "batch": 8,
+                 "new_tokens": 32, "prompt_tokens": 64, "rounds": 3, "dtype": "bfloat16", "torch": "2.x",
+                 "peak_measured": True},
+        "results": [
+            {"method": "base", "trainable": 0, "adapter_mib": 0.0, "latency_s": 1.0, "latency_ratio": 1.0,
+             "extra_peak_mib": 0.0, "peak_ratio": 1.0, "train_saved_mib": 100.0},
+            {"method": "omoe-soft", "trainable": 63438848, "adapter_mib": 242.0, "latency_s": 1.5,
+             "latency_ratio": 1.5, "extra_peak_mib": 300.0, "peak_ratio": 1.02, "train_saved_mib": 150.0},
+        ],
+    }  # fmt: skip
+    path = tmp_path / "table3.json"
+    path.write_text(json.dumps(bench))
+    assert main(["report", "--results", str(path), "--table", "3"]) == 0
+    md = (tmp_path / "table3.md").read_text()
+    assert row(md, "omoe-soft") == [
+        "omoe-soft",
+        "63,438,848",
+        "242.0",
+        "1.500",
+        "1.50",
+        "300",
+        "1.020",
+        "150.0",
+    ]
+    assert "NVIDIA H100" in md and "8 prompts x 32 new tokens" in md
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--table", "4"], "table 4 cannot be built"),
+        (["--table", "7"], "unknown table '7'"),
+        (["--table", "fig4", "--x", "adapter.nope"], "unknown --x key adapter.nope"),
+    ],
+)
+def test_report_errors_are_one_line_and_write_nothing(tmp_path, capsys, argv, message):
+    results = write(tmp_path, [cell("lora", "single", {"boolq": 0.5})])
+    before = sorted(p.name for p in results.iterdir())
+    assert main(["report", "--results", str(results), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in results.iterdir()) == before
+
+
+def test_a_directory_without_results_or_with_broken_json_is_an_error(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.json").write_text('{"kind": "something else"}')
+    assert main(["report", "--results", str(empty)]) == 2
+    assert "no experiment results in" in capsys.readouterr().err
+    (empty / "broken.json").write_text("{")
+    assert main(["report", "--results", str(empty)]) == 2
+    assert "broken.json is not a readable JSON file" in capsys.readouterr().err
+    assert main(["report", "--results", str(tmp_path / "missing")]) == 2
+    assert sorted(p.name for p in empty.iterdir()) == ["broken.json", "notes.json"]
