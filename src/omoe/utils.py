@@ -32,3 +32,10 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_save_figure(figure, path: str | os.PathLike, dpi: int = 120) -> None:
     """Save a matplotlib figure as PNG through a temporary file and a rename."""
     atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=dpi, format="png"), suffix=".png")
+
+
+def quiet_transformers() -> None:
+    """Hide transformers' own progress bars (weight loading) for commands run with --no-progress."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()

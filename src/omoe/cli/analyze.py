@@ -57,6 +57,10 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from omoe.analysis import AnalysisSpec, analyze, summary_table
+    from omoe.utils import quiet_transformers
+
+    if args.no_progress:
+        quiet_transformers()
 
     layers = None
     if args.layers:

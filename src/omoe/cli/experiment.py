@@ -45,6 +45,10 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from omoe.experiment import cell_state, load_experiment, run_experiment
+    from omoe.utils import quiet_transformers
+
+    if args.no_progress:
+        quiet_transformers()
 
     spec = load_experiment(args.config, args.results_dir, args.work_dir)
     cells = spec.select(args.only)
