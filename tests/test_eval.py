@@ -409,3 +409,18 @@ def test_cli_evaluates_a_saved_adapter_and_records_its_config(tiny_dir, tmp_path
     assert results["adapter"] == str((tmp_path / "adapter").resolve())
     expected = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert results["adapter_config"] == expected
+
+
+def test_cli_rejects_an_adapter_that_does_not_fit_the_model(tiny_dir, tmp_path, capsys):
+    """An adapter trained on another shape: one line naming the tensor, exit 2, nothing written."""
+    import omoe
+
+    other = omoe.get_omoe_model(tiny_llama(seed=0, hidden_size=32, intermediate_size=64), omoe.OMoEConfig())
+    other.save_pretrained(tmp_path / "adapter")
+    out_file = tmp_path / "out" / "res.json"
+    args = ["eval", "--model", str(tiny_dir), "--adapter", str(tmp_path / "adapter"), "--tasks", "boolq"]
+    rc, _, err = _cli([*args, "--protocol", "label", "--limit", "2", "--output", str(out_file)], capsys)
+    last = err.strip().splitlines()[-1]  # above it: transformers' weight-loading progress bar
+    assert rc == 2 and last.startswith("omoe eval: error: ") and err.count("omoe eval: error") == 1, err
+    assert "tensor 'model.layers.0.mlp.omoe_experts.down.lora_A' has shape (2, 16, 64)" in last
+    assert not out_file.parent.exists()
