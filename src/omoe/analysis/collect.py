@@ -85,12 +85,11 @@ def collect(model, tokenizer, records: list[dict], layer_names: list[str], token
     prompts = [
         tokenizer(build_prompt(r, with_output=False))["input_ids"][:max_prompt_tokens] for r in records
     ]
-    batches, seen, count = [], 0, 0
-    while seen < tokens and count < len(prompts):
-        batch = prompts[count : count + batch_size]
-        batches.append(batch)
-        seen += sum(len(p) for p in batch)
-        count += len(batch)
+    seen, count = 0, 0
+    while seen < tokens and count < len(prompts):  # whole prompts until `tokens` are reached
+        seen += len(prompts[count])
+        count += 1
+    batches = [prompts[i : min(i + batch_size, count)] for i in range(0, count, batch_size)]
     if seen < tokens:
         raise ConfigError(f"the task's prompts hold only {seen} tokens; ask for --tokens {seen} or fewer")
     device = model_device(model)
