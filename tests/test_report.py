@@ -235,3 +235,27 @@ def test_a_directory_without_results_or_with_broken_json_is_an_error(tmp_path, c
     assert "broken.json is not a readable JSON file" in capsys.readouterr().err
     assert main(["report", "--results", str(tmp_path / "missing")]) == 2
     assert sorted(p.name for p in empty.iterdir()) == ["broken.json", "notes.json"]
+
+
+def test_bench_table3_measures_every_method_against_the_base_and_report_reads_it(tmp_path, capsys):
+    out = tmp_path / "table3.json"
+    argv = ["bench", "--table3", "--preset", "tiny", "--layers", "1", "--batch", "2", "--prompt-tokens", "8",
+            "--new-tokens", "3", "--rounds", "1", "--output", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    data = json.loads(out.read_text())
+    assert data["kind"] == "omoe.bench.table3" and data["meta"]["new_tokens"] == 3
+    rows = {r["method"]: r for r in data["results"]}
+    assert list(rows) == ["base", "lora", "dora", "moe-top2of8", "omoe-soft", "omoe-top2of8"]
+    assert rows["base"]["latency_ratio"] == 1.0 and rows["base"]["trainable"] == 0
+    assert (
+        rows["moe-top2of8"]["trainable"] == rows["omoe-top2of8"]["trainable"] > rows["omoe-soft"]["trainable"]
+    )
+    for r in rows.values():
+        assert r["adapter_mib"] == pytest.approx(r["trainable"] * 4 / 2**20)  # fp32 adapter weights
+        assert r["peak_mib"] is None and r["extra_peak_mib"] is None  # CPU: not measurable
+        assert r["train_saved_mib"] > 0
+    printed = capsys.readouterr().out
+    assert main(["report", "--results", str(out)]) == 0
+    assert (tmp_path / "table3.md").read_text().strip() in printed
+    assert main(["bench", "--table3", "--variants", "base,peft-lora"]) == 2
+    assert "unknown variant(s) peft-lora" in capsys.readouterr().err

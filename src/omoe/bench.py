@@ -148,24 +148,14 @@ def bench_variant(variant, model, batch, *, r, steps, warmup, autocast_dtype) ->
     return Result(variant, trainable, statistics.median(times), saved, peak)
 
 
-def run(
-    preset="cpu-small",
-    variants=VARIANTS,
-    steps=5,
-    warmup=2,
-    r=16,
-    device=None,
-    batch=None,
-    seq=None,
-    seed=0,
-    layers=None,
-    rounds=1,
-):
+def random_llama(preset: str, device=None, layers: int | None = None, seed: int = 0):
+    """A frozen random ``LlamaForCausalLM`` of ``preset``'s shape: bf16 on CUDA, fp32 on CPU.
+
+    Returns ``(model, LlamaConfig fields, device, dtype)``.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    spec = dict(PRESETS[preset])
-    batch_size, seq_len = batch or spec.pop("batch"), seq or spec.pop("seq")
-    spec.pop("batch", None), spec.pop("seq", None)
+    spec = {k: v for k, v in PRESETS[preset].items() if k not in ("batch", "seq")}
     if layers:
         spec["num_hidden_layers"] = layers
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -179,6 +169,24 @@ def run(
         model = LlamaForCausalLM(LlamaConfig(**spec, dtype=dtype)).to(dtype)
     for p in model.parameters():
         p.requires_grad_(False)
+    return model, spec, device, dtype
+
+
+def run(
+    preset="cpu-small",
+    variants=VARIANTS,
+    steps=5,
+    warmup=2,
+    r=16,
+    device=None,
+    batch=None,
+    seq=None,
+    seed=0,
+    layers=None,
+    rounds=1,
+):
+    batch_size, seq_len = batch or PRESETS[preset]["batch"], seq or PRESETS[preset]["seq"]
+    model, spec, device, dtype = random_llama(preset, device, layers, seed)
     ids = torch.randint(0, spec["vocab_size"], (batch_size, seq_len), device=device)
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
     # Variants take turns, round after round, so that drifts of the machine (other processes,

@@ -105,25 +105,12 @@ def measure(model, method: str, ids, *, r, new_tokens, autocast_dtype) -> dict:
 def run(preset: str, methods=DEFAULT_METHODS, *, batch=8, new_tokens=32, prompt_tokens=64, rounds=3,
         r=16, device=None, layers=None, seed=0) -> dict:  # fmt: skip
     """Measure ``methods`` on a random model of ``preset``'s shape; the JSON ``omoe report --table 3`` reads."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from omoe.bench import PRESETS
+    from omoe.bench import random_llama
     from omoe.experiment.report import BENCH_KIND
     from omoe.experiment.runner import hardware
 
-    spec = {k: v for k, v in PRESETS[preset].items() if k not in ("batch", "seq")}
-    if layers:
-        spec["num_hidden_layers"] = layers
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cpu":
-        torch.set_flush_denormal(True)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = LlamaForCausalLM(LlamaConfig(**spec, dtype=dtype)).to(dtype)
+    model, spec, device, dtype = random_llama(preset, device, layers, seed)
     model.generation_config.eos_token_id = None  # no early stop: exactly new_tokens for every method
-    for p in model.parameters():
-        p.requires_grad_(False)
     ids = torch.randint(3, spec["vocab_size"], (batch, prompt_tokens), device=device)
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
     if "base" not in methods:
