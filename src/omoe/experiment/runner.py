@@ -16,6 +16,7 @@ The base model is loaded once and reused: after each cell the adapter layers are
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import time
@@ -125,8 +126,6 @@ def run_experiment(
     ``model``/``tokenizer``: an in-memory base model to use for every cell instead of loading
     ``base.model`` (tests). ``echo`` receives one progress line per cell.
     """
-    import os
-
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("omoe experiment runs in one process; use omoe train under torchrun for one cell")
     cells = spec.select(only)
