@@ -150,6 +150,19 @@ def _expert_weights(model):
     return {k: v.clone() for k, v in model.named_parameters() if "omoe_experts" in k and v.requires_grad}
 
 
+def _step_with_plain_twin(model, twin, opt, ids, mask):
+    """Take one step with ``opt``, and the same step on ``twin`` (a model of the same configuration, given
+    ``model``'s weights) with a copy of ``opt``'s base AdamW; return the expert weights before, after,
+    and after the plain AdamW step."""
+    twin.load_state_dict(model.state_dict())
+    twin_opt = torch.optim.AdamW([p for p in twin.parameters() if p.requires_grad])
+    twin_opt.load_state_dict(copy.deepcopy(opt.base.state_dict()))  # load_state_dict shares tensors
+    before = _expert_weights(model)
+    _step(model, opt, ids, mask)
+    _step(twin, twin_opt, ids, mask)
+    return before, _expert_weights(model), _expert_weights(twin)
+
+
 CASES = [
     (2, "soft", "ffn"),
     (2, "topk", "linear"),
@@ -207,14 +220,7 @@ def test_mean_combination_applies_the_average_of_the_other_experts_rls_projector
     ids, mask = _batches(2)
     _step(model, opt, ids[0], mask[0])
     X = {key: s.directions().clone() for key, s in opt.sources.items()}
-    twin = _moe(4, "soft", "ffn")
-    twin.load_state_dict(model.state_dict())
-    twin_opt = torch.optim.AdamW([p for p in twin.parameters() if p.requires_grad])
-    twin_opt.load_state_dict(copy.deepcopy(opt.base.state_dict()))  # load_state_dict shares tensors
-    before = _expert_weights(model)
-    _step(model, opt, ids[1], mask[1])
-    _step(twin, twin_opt, ids[1], mask[1])
-    after, plain = _expert_weights(model), _expert_weights(twin)
+    before, after, plain = _step_with_plain_twin(model, _moe(4, "soft", "ffn"), opt, ids[1], mask[1])
     for g in opt.groups:
         key = f"{g.name}.lora_A"
         dA, d_plain = (after[key] - before[key]).double(), (plain[key] - before[key]).double()
@@ -437,14 +443,7 @@ def test_project_b_keeps_only_codes_and_makes_db_orthogonal_to_them():
     for t in range(2):
         _step(model, opt, ids[t], mask[t])
     codes = {g.name: opt.codes[g.name].directions().clone() for g in opt.groups}  # (E_j, n, E_i r)
-    twin = _moe(2, "topk", "ffn", r=16)
-    twin.load_state_dict(model.state_dict())
-    twin_opt = torch.optim.AdamW([p for p in twin.parameters() if p.requires_grad])
-    twin_opt.load_state_dict(copy.deepcopy(opt.base.state_dict()))
-    before = _expert_weights(model)
-    _step(model, opt, ids[2], mask[2])
-    _step(twin, twin_opt, ids[2], mask[2])
-    after, plain = _expert_weights(model), _expert_weights(twin)
+    before, after, plain = _step_with_plain_twin(model, _moe(2, "topk", "ffn", r=16), opt, ids[2], mask[2])
     for g in opt.groups:
         a = f"{g.name}.lora_A"
         assert torch.equal(after[a], plain[a])

@@ -43,7 +43,9 @@ def _parse_value(text: str):
 def register(subparsers) -> None:
     parser = subparsers.add_parser("params", help=__doc__.splitlines()[0], description=__doc__)
     parser.add_argument("--shape", default="llama2-7b", help=f"model shape: {', '.join(SHAPES)} (or --model)")
-    parser.add_argument("--model", default=None, help="a local Hugging Face model directory (its config.json)")
+    parser.add_argument(
+        "--model", default=None, help="a local Hugging Face model directory (its config.json)"
+    )
     parser.add_argument(
         "--set",
         action="append",
@@ -55,9 +57,27 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
+def shape_config(shape: str):
+    """The ``LlamaConfig`` of one of :data:`SHAPES` (for models built on the meta device)."""
+    from transformers import LlamaConfig
+
+    if shape not in SHAPES:
+        raise ConfigError(f"unknown shape {shape!r}; allowed: {', '.join(SHAPES)}")
+    h, i, n, heads, kv, vocab = SHAPES[shape]
+    return LlamaConfig(
+        hidden_size=h,
+        intermediate_size=i,
+        num_hidden_layers=n,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        vocab_size=vocab,
+        tie_word_embeddings=shape == "smollm2-135m",
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from omoe import get_omoe_model
 
@@ -65,25 +85,16 @@ def run(args: argparse.Namespace) -> int:
         config = AutoConfig.from_pretrained(args.model, local_files_only=True)
         name = args.model
     else:
-        if args.shape not in SHAPES:
-            raise ConfigError(f"unknown shape {args.shape!r}; allowed: {', '.join(SHAPES)}")
-        h, i, n, heads, kv, vocab = SHAPES[args.shape]
-        config = LlamaConfig(
-            hidden_size=h,
-            intermediate_size=i,
-            num_hidden_layers=n,
-            num_attention_heads=heads,
-            num_key_value_heads=kv,
-            vocab_size=vocab,
-            tie_word_embeddings=args.shape == "smollm2-135m",
-        )
+        config = shape_config(args.shape)
         name = args.shape
     fields = {f.name for f in dataclasses.fields(OMoEConfig)}
     overrides = {}
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep or key not in fields:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(fields))}")
+            raise ConfigError(
+                f"--set {item!r}: expected KEY=VALUE with KEY one of {', '.join(sorted(fields))}"
+            )
         overrides[key] = _parse_value(value)
     adapters = {k: OMoEConfig(**v) for k, v in ({"custom": overrides} if overrides else BASELINES).items()}
     rows = []
