@@ -139,11 +139,6 @@ def adapter_tensors(model) -> dict[str, torch.Tensor]:
     return {k: fsdp.full(v).detach().cpu().contiguous() for k, v in model.adapter_state_dict().items()}
 
 
-def save_adapter(directory: str | Path, model, tensors: dict[str, torch.Tensor] | None = None) -> None:
-    """``model.save_pretrained(directory)``, with gathered ``tensors`` under FSDP."""
-    model.save_pretrained(directory, state_dict=tensors)
-
-
 # ---------------------------------------------------------------------------- save / load
 def save_checkpoint(
     output_dir: str | Path,
@@ -167,7 +162,7 @@ def save_checkpoint(
     final = root / f"step-{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:08d}-", dir=root))
     try:
-        save_adapter(tmp, model, adapter)
+        model.save_pretrained(tmp, state_dict=adapter)
         torch.save(tensors_state, tmp / STATE_PT)
         (tmp / STATE_JSON).write_text(json.dumps(info, indent=2) + "\n")
         for p in tmp.iterdir():

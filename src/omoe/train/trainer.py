@@ -304,7 +304,7 @@ def _train(config: TrainConfig, info: distributed.DistInfo, model, tokenizer, re
     model.eval()
     adapter = ckpt.adapter_tensors(model) if sharded else None  # collective under FSDP
     if info.is_main:
-        ckpt.save_adapter(out, model, adapter)
+        model.save_pretrained(out, state_dict=adapter)
         summary = {
             "steps": total_steps,
             "epochs": round(total_steps / data.steps_per_epoch, 4),
