@@ -386,6 +386,13 @@ def test_cli_writes_results_predictions_and_prints_a_table(tiny_dir, tmp_path, c
         assert metrics["n"] == 3 and metrics["protocol"] == protocol and 0 <= metrics["accuracy"] <= 1
         assert ("acc_norm" in metrics) == (protocol == "loglik")
     lines = predictions_path(out_file).read_text().splitlines()
+    boolq = [json.loads(line) for line in lines if json.loads(line)["task"] == "boolq"]
+    matched = [p["prediction"] for p in boolq if not p["no_match"]]
+    counts = results["tasks"]["boolq"]["prediction_counts"]
+    assert counts == {a: matched.count(a) for a in set(matched)} and list(counts.values()) == sorted(
+        counts.values(), reverse=True
+    )
+    assert sum(results["tasks"]["boolq"]["answer_counts"].values()) == 3
     assert [json.loads(line)["task"] for line in lines] == ["boolq"] * 3 + ["winogrande"] * 3
     assert f"| boolq | {protocol} | 3 |" in out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["res.json", "res.predictions.jsonl"]

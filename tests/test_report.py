@@ -104,6 +104,34 @@ def test_table2_shows_single_multi_and_their_difference(tmp_path):
     assert [c.strip() for c in delta.strip("|").split("|")][3:] == ["+10.0", "-10.0", "+0.0"]
 
 
+def test_answers_table_gives_the_top_prediction_share_from_counts_or_the_predictions_file(tmp_path):
+    counted = cell("lora", "multi", {"boolq": 0.75}, seed=0)
+    counted["metrics"]["boolq"]["generate"].update(
+        prediction_counts={"true": 40}, answer_counts={"true": 30, "false": 10}
+    )
+    second = cell("lora", "multi", {"boolq": 0.6}, seed=1)
+    second["metrics"]["boolq"]["generate"].update(
+        prediction_counts={"true": 30, "false": 8}, answer_counts={"true": 30, "false": 10}
+    )
+    # an older result without counts: read from the predictions file in its work dir
+    work = tmp_path / "run-omoe"
+    work.mkdir()
+    preds = [{"task": "boolq", "protocol": "generate", "answer": "true" if i < 30 else "false",
+              "prediction": "false" if i < 10 else "true", "no_match": False} for i in range(40)]  # fmt: skip
+    (work / "eval_predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
+    older = {**cell("omoe", "multi", {"boolq": 0.5}, method_index=1), "work_dir": str(work)}
+    silent = cell("dora", "multi", {"boolq": 0.5}, method_index=2)  # neither: left out
+    results = load_results(write(tmp_path, [counted, second, older, silent]))
+    assert "answers" in available_tables(results)
+    (table,) = build_tables(results, ["answers"])
+    md = table.markdown
+    assert row(md, "lora") == ["lora", "multi", "87.5 `true`"]  # mean of 100% and 75%
+    assert row(md, "omoe") == ["omoe", "multi", "75.0 `true`"]
+    assert row(md, "gold majority") == ["gold majority", "", "75.0 `true`"]
+    assert "| dora |" not in md
+    assert available_tables(load_results(write(tmp_path, [silent], name="bare"))) == ["2"]
+
+
 def test_table4_rows_are_the_orthogonal_layers_choices_per_setting(tmp_path):
     cells = [
         cell(

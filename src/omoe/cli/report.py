@@ -7,7 +7,8 @@ Examples::
     omoe report --results docs/bench/table3.json --table 3             # from omoe bench --table3
 
 Tables: 1 (single-task), 2 (single vs multi-task), 3 (efficiency), 4 (layer-wise, the paper's
-Tables 4-5), 10 (rank), fig4 (accuracy against the number of experts, one line per routing).
+Tables 4-5), 10 (rank), fig4 (accuracy against the number of experts, one line per routing),
+answers (share of the most frequent prediction per task: is a model answering the same thing to all?).
 Accuracies are mean ± sample std over seeds, in percent; every table names its protocol.
 """
 
@@ -30,7 +31,7 @@ def register(subparsers) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--table", action="append", metavar="T",
-        help="1, 2, 3, 4, 10 or fig4 (repeatable or comma-separated; default: every table the results fill)",
+        help="1, 2, 3, 4, 10, fig4 or answers (repeatable or comma-separated; default: every table the results fill)",
     )  # fmt: skip
     parser.add_argument("--output", metavar="DIR", help="where the files go (default: the results directory)")
     parser.add_argument("--x", dest="x_key", metavar="KEY", help="fig4's x axis (default: adapter.num_experts "

@@ -7,6 +7,7 @@ metrics dict carries its ``protocol``.
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 import torch
 
@@ -90,6 +91,16 @@ def evaluate(
         "seconds": round(seconds, 3),
         "options": proto.options(),
     }
+    metrics.update(answer_counts(predictions))
     if proto.name == "loglik":
         metrics["acc_norm"] = sum(p["correct_norm"] for p in predictions) / n
     return metrics, predictions
+
+
+def answer_counts(predictions: list[dict]) -> dict[str, dict[str, int]]:
+    """How often each answer was predicted (no-matches left out) and how often each is the gold
+    answer, most frequent first: shows at a glance whether a model answers the same thing to every
+    question, which accuracy alone hides (a constant ``true`` scores BoolQ's majority rate)."""
+    predicted = Counter(p["prediction"] for p in predictions if not p.get("no_match"))
+    gold = Counter(p["answer"] for p in predictions)
+    return {"prediction_counts": dict(predicted.most_common()), "answer_counts": dict(gold.most_common())}

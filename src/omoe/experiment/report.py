@@ -8,7 +8,11 @@ Tables (the OMoE paper's numbering):
 - ``4``: layer-wise OMoE (the paper's Tables 4-5), rows = ``adapter.orthogonal_layers``;
 - ``10``: rank sweep, rows = method x ``adapter.r``, with #params;
 - ``fig4``: mean accuracy against a swept key (default: the number of experts), one line per
-  method and routing.
+  method and routing;
+- ``answers``: per row and task, the share of test records given the most frequent prediction, beside
+  the share of the most frequent gold answer: 100% means a constant answer, whose accuracy is only the
+  label balance (read from each cell's answer counts, or from its predictions file when older results
+  lack them).
 
 Every accuracy is the mean over seeds with the sample standard deviation (n - 1), in percent; one
 seed is written ``±0.0 (1 seed)``, and a row with fewer seeds than the table says how many it has.
@@ -29,7 +33,7 @@ from pathlib import Path
 from omoe.errors import ConfigError
 from omoe.utils import atomic_save_figure, atomic_write_text
 
-TABLES = ("1", "2", "3", "4", "10", "fig4")
+TABLES = ("1", "2", "3", "4", "10", "fig4", "answers")
 BENCH_KIND = "omoe.bench.table3"
 _SWEEP_X = ("adapter.num_experts", "adapter.top_k")
 
@@ -85,6 +89,8 @@ def available_tables(results: Results, x_key: str | None = None) -> list[str]:
         out.append("10")
     if any(_swept(results.cells, k) for k in ([x_key] if x_key else _SWEEP_X)):
         out.append("fig4")
+    if any(answer_counts(c) for c in results.cells):
+        out.append("answers")
     return out
 
 
@@ -200,7 +206,15 @@ def build_tables(results: Results, which: list[str] | None = None, x_key: str | 
     which = which or available
     if not which:
         raise ConfigError(f"no table can be built from {results.source}")
-    builders = {"1": table1, "2": table2, "3": table3, "4": table4, "10": table10, "fig4": fig4}
+    builders = {
+        "1": table1,
+        "2": table2,
+        "3": table3,
+        "4": table4,
+        "10": table10,
+        "fig4": fig4,
+        "answers": answers,
+    }
     out = []
     for name in which:
         if name not in TABLES:
@@ -222,6 +236,7 @@ def _needs(name: str) -> str:
         "4": "it needs OMoE results with more than one adapter.orthogonal_layers",
         "10": "it needs results that sweep adapter.r",
         "fig4": "it needs results that sweep its x key (default adapter.num_experts or adapter.top_k)",
+        "answers": "it needs answer counts in the results, or the cells' eval_predictions.jsonl in their work_dir",
     }[name]
 
 
@@ -457,6 +472,92 @@ def _plot_fig4(series: dict, x_key: str):
         ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+# ---------------------------------------------------------------------------- answer spread
+def answer_counts(cell: dict) -> dict[tuple[str, str], tuple[dict, dict]]:
+    """(task, protocol) -> (prediction counts, gold answer counts) of one cell: from its metrics
+    (results written since the counts were added), else from ``eval_predictions.jsonl`` in its work
+    dir when that is still on disk; {} when neither is there."""
+    out = {}
+    for task, by_protocol in cell.get("metrics", {}).items():
+        for protocol, m in by_protocol.items():
+            if "prediction_counts" in m and "answer_counts" in m:
+                out[(task, protocol)] = (m["prediction_counts"], m["answer_counts"])
+    if out:
+        return out
+    path = Path(cell.get("work_dir", "")) / "eval_predictions.jsonl"
+    if not cell.get("work_dir") or not path.is_file():
+        return {}
+    from omoe.eval.evaluate import answer_counts as count
+
+    by_key: dict[tuple[str, str], list[dict]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            p = json.loads(line)
+            by_key.setdefault((p["task"], p["protocol"]), []).append(p)
+    return {
+        k: (c["prediction_counts"], c["answer_counts"]) for k, c in ((k, count(v)) for k, v in by_key.items())
+    }
+
+
+def answers(results: Results) -> Table:
+    """Share (%) of test records given the most frequent prediction, per row and task (mean over
+    seeds), with the most frequent answer named; a last row gives the gold answers' majority share."""
+    cells = [c for c in results.cells if answer_counts(c)]
+    row_of = method_row(cells)
+    tasks = list(dict.fromkeys(t for c in cells for t in c["eval_tasks"]))
+    parts, csv_rows = [], []
+    for protocol in _protocols(cells):
+        rows: dict[tuple, dict] = {}  # (order, setting, label) -> task -> [(top answer, share)]
+        gold: dict[str, tuple[str, float]] = {}
+        for c in cells:
+            order, label = row_of(c)
+            row = rows.setdefault((order, c["setting"], label), {})
+            for (task, proto), (predicted, truth) in answer_counts(c).items():
+                if proto != protocol:
+                    continue
+                n = sum(truth.values())
+                if predicted:
+                    top = max(predicted.items(), key=lambda kv: kv[1])
+                    row.setdefault(task, []).append((top[0], top[1] / n))
+                else:  # every answer was a no-match
+                    row.setdefault(task, []).append(("(no match)", 0.0))
+                g = max(truth.items(), key=lambda kv: kv[1])
+                gold[task] = (g[0], g[1] / n)
+        used = [t for t in tasks if t in gold]
+        lines = [
+            f"### Answer spread, protocol `{protocol}`: share (%) of test records given the most frequent prediction",
+            "",
+            "Mean over seeds, with the answer that was most often the top one. 100 means the same answer to every "
+            "question; the `gold majority` row is the share of the most frequent correct answer, which is what such "
+            "a constant answer scores at best. Cells without answer counts (and without their predictions file) "
+            "are left out.",
+            "",
+            "| method | setting | " + " | ".join(used) + " |",
+            "|---|---|" + "---:|" * len(used),
+        ]
+        for (_, setting, label), by_task in sorted(rows.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+            cols, csv_row = [], {"protocol": protocol, "setting": setting, "row": label}
+            for t in used:
+                if t not in by_task:
+                    cols.append("–")
+                    continue
+                share = statistics.fmean(v for _, v in by_task[t])
+                top = max(set(a for a, _ in by_task[t]), key=[a for a, _ in by_task[t]].count)
+                cols.append(f"{100 * share:.1f} `{top}`")
+                csv_row.update({f"{t}_top_share": round(100 * share, 4), f"{t}_top": top,
+                                f"{t}_seeds": len(by_task[t])})  # fmt: skip
+            lines.append(f"| {label} | {setting} | " + " | ".join(cols) + " |")
+            csv_rows.append(csv_row)
+        lines.append(
+            "| gold majority | | " + " | ".join(f"{100 * gold[t][1]:.1f} `{gold[t][0]}`" for t in used) + " |"
+        )
+        csv_rows.append({"protocol": protocol, "setting": "", "row": "gold majority",
+                         **{f"{t}_top_share": round(100 * gold[t][1], 4) for t in used},
+                         **{f"{t}_top": gold[t][0] for t in used}})  # fmt: skip
+        parts.append("\n".join(lines))
+    return Table("answers", "\n\n".join(parts), csv_rows)
 
 
 # ---------------------------------------------------------------------------- writing

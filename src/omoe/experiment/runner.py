@@ -294,7 +294,16 @@ def _with_progress(config: TrainConfig, progress: bool) -> TrainConfig:
 
 
 def _slim(metrics: dict) -> dict:
-    keep = ("accuracy", "acc_norm", "n", "correct", "no_match", "seconds")
+    keep = (
+        "accuracy",
+        "acc_norm",
+        "n",
+        "correct",
+        "no_match",
+        "seconds",
+        "prediction_counts",
+        "answer_counts",
+    )
     return {k: metrics[k] for k in keep if k in metrics}
 
 
