@@ -8,7 +8,9 @@ import json
 import statistics
 
 import pytest
+import torch
 
+from omoe.bench import cpu_peak_bytes
 from omoe.cli.main import main
 from omoe.experiment.report import available_tables, build_tables, format_mean_std, load_results, mean_std
 from omoe.experiment.runner import RESULT_KIND
@@ -228,7 +230,7 @@ def test_table3_reads_the_bench_json(tmp_path):
         "242.0",
         "1.500",
         "1.50",
-        "300",
+        "300.0",
         "1.020",
         "150.0",
     ]
@@ -280,10 +282,28 @@ def test_bench_table3_measures_every_method_against_the_base_and_report_reads_it
     )
     for r in rows.values():
         assert r["adapter_mib"] == pytest.approx(r["trainable"] * 4 / 2**20)  # fp32 adapter weights
-        assert r["peak_mib"] is None and r["extra_peak_mib"] is None  # CPU: not measurable
+        # CPU peak: weights + the most tensor bytes alive at once; an adapter adds at least its weights
+        assert r["extra_peak_mib"] == pytest.approx(r["peak_mib"] - rows["base"]["peak_mib"])
+        assert r["extra_peak_mib"] >= 0.99 * r["adapter_mib"]
         assert r["train_saved_mib"] > 0
+    assert data["meta"]["peak_method"] == "profiler"
     printed = capsys.readouterr().out
+    assert "(CPU: torch profiler, per-op allocations)" in printed
     assert main(["report", "--results", str(out)]) == 0
     assert (tmp_path / "table3.md").read_text().strip() in printed
     assert main(["bench", "--table3", "--variants", "base,peft-lora"]) == 2
     assert "unknown variant(s) peft-lora" in capsys.readouterr().err
+
+
+def test_cpu_peak_bytes_is_the_most_tensor_memory_alive_at_once():
+    x = torch.randn(256, 256)  # allocated before: not counted
+
+    def fn():
+        a = x @ x  # 256 KiB
+        b = torch.cat([a, a])  # 512 KiB; 768 alive
+        del a
+        d = torch.ones(1024, 1024)  # 4 MiB; with b: 4608 KiB alive, the peak
+        del d
+        return b.sum()
+
+    assert cpu_peak_bytes(fn) == pytest.approx(4608 * 1024, abs=64)

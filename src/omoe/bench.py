@@ -97,6 +97,22 @@ def _saved_bytes(step: Callable[[], torch.Tensor]) -> int:
     return sum(seen.values())
 
 
+def cpu_peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak bytes of tensors alive at once while ``fn`` runs, over those it allocates (CPU). CPU has
+    no ``max_memory_allocated``; the profiler records each op's own allocations and frees
+    (``self_cpu_memory_usage``), and their running sum in time order peaks where ``fn`` holds the
+    most. Op granularity: a peak inside one op that it frees before returning is not seen."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
 def bench_variant(variant, model, batch, *, r, steps, warmup, autocast_dtype) -> Result:
     device = batch.device
     wrapped, unload = _wrap(variant, model, r)

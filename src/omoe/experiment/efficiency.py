@@ -8,8 +8,10 @@ turn (adapters injected, measured, unloaded):
 - latency: wall time of ``generate`` for a batch of prompts, greedy, exactly ``new_tokens`` new
   tokens each (EOS cannot stop it early), median over rounds, variants taking turns;
 - adapter MiB: bytes of the adapter's parameters;
-- peak MiB (CUDA only): ``torch.cuda.max_memory_allocated`` during generation, and its excess over
-  the base model's; CPU has no such counter, so the column is empty there;
+- peak MiB: on CUDA ``torch.cuda.max_memory_allocated`` during generation; on CPU, which has no
+  such counter, the bytes of the parameters and buffers plus the peak of the tensors generation
+  holds at once (``omoe.bench.cpu_peak_bytes``: the profiler's per-op allocations, a separate
+  untimed run); and its excess over the base model's;
 - train activations MiB: bytes of the tensors autograd saves in one training forward on the same
   batch (``omoe bench``'s ``saved_tensors_hooks`` count), device independent.
 """
@@ -45,7 +47,7 @@ def build_config(method: str, r: int) -> OMoEConfig | None:
 
 def measure(model, method: str, ids, *, r, new_tokens, autocast_dtype) -> dict:
     """One variant once: inject, time one generate, count memory, unload."""
-    from omoe.bench import _saved_bytes
+    from omoe.bench import _saved_bytes, cpu_peak_bytes
 
     device = ids.device
     config = build_config(method, r)
@@ -72,8 +74,13 @@ def measure(model, method: str, ids, *, r, new_tokens, autocast_dtype) -> dict:
     out = generate()
     sync()
     latency = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
     assert out.shape[1] == ids.shape[1] + new_tokens
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        tensors = [*wrapped.parameters(), *wrapped.buffers()]
+        weights = sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
+        peak = (weights + cpu_peak_bytes(generate)) / 2**20
 
     def forward():
         with autocast():
@@ -128,15 +135,14 @@ def run(preset: str, methods=DEFAULT_METHODS, *, batch=8, new_tokens=32, prompt_
     for rs in runs.values():
         row = dict(rs[0])
         row["latency_s"] = statistics.median(x["latency_s"] for x in rs)
-        row["peak_mib"] = None if rs[0]["peak_mib"] is None else max(x["peak_mib"] for x in rs)
+        row["peak_mib"] = max(x["peak_mib"] for x in rs)
         rows.append(row)
     base = rows[0]
     for row in rows:
         row["latency_ratio"] = row["latency_s"] / base["latency_s"]
         row["tokens_per_s"] = batch * new_tokens / row["latency_s"]
-        measured = row["peak_mib"] is not None
-        row["extra_peak_mib"] = row["peak_mib"] - base["peak_mib"] if measured else None
-        row["peak_ratio"] = row["peak_mib"] / base["peak_mib"] if measured else None
+        row["extra_peak_mib"] = row["peak_mib"] - base["peak_mib"]
+        row["peak_ratio"] = row["peak_mib"] / base["peak_mib"]
     hw = hardware(str(device))
     meta = {
         "preset": preset,
@@ -152,7 +158,8 @@ def run(preset: str, methods=DEFAULT_METHODS, *, batch=8, new_tokens=32, prompt_
         "prompt_tokens": prompt_tokens,
         "rounds": rounds,
         "r": r,
-        "peak_measured": device.type == "cuda",
+        "peak_measured": True,
+        "peak_method": "cuda" if device.type == "cuda" else "profiler",
         "torch": torch.__version__,
         "hardware": hw,
     }
