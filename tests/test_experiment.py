@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -224,6 +228,31 @@ def test_cell_killed_during_evaluation_is_evaluated_without_training_again(
     assert result["cell"] == cell.id and not result["train"]["trained_in_this_call"]
     assert scores(result) == scores(first[1])
     assert "reused the trained adapter" in lines[1] and "done, skipped" in lines[0]
+
+
+def test_a_locked_cell_is_left_to_its_process_and_a_dead_process_lock_is_taken_over(
+    tmp_path, smollm2_tokenizer
+):
+    spec = spec_of(tmp_path)
+    lora, omoe = spec.cells
+    locks = [c.work_dir.with_name(c.work_dir.name + ".lock") for c in spec.cells]
+    locks[0].parent.mkdir(parents=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs
+    locks[0].write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))  # alive
+    locks[1].write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname()}))
+    assert cell_state(spec, lora).state == "running" and cell_state(spec, omoe).state == "todo"
+
+    written, lines = run(spec, smollm2_tokenizer)
+    assert [r["cell"] for r in written] == [omoe.id]
+    assert "running in another process (pid" in lines[0] and not spec.result_path(lora).exists()
+    assert locks[0].exists() and not locks[1].exists()  # the live lock is untouched, ours removed
+
+    locks[0].write_text(json.dumps({"pid": dead.pid, "host": "another-host"}))  # cannot be checked
+    assert run(spec, smollm2_tokenizer)[0] == []
+    locks[0].unlink()
+    (result,), _ = run(spec, smollm2_tokenizer)
+    assert result["cell"] == lora.id and not any(p.exists() for p in locks)
 
 
 def test_a_changed_config_makes_cells_stale_and_they_run_again(tmp_path, smollm2_tokenizer):

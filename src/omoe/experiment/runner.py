@@ -7,7 +7,13 @@ A cell's state is read from disk, so a killed sweep continues where it stopped:
   the cell runs again;
 - ``trained``: the work dir holds the finished adapter (killed during evaluation): evaluated only;
 - ``checkpoint``: the work dir holds a checkpoint: training resumes from it (``train(resume=True)``);
-- ``todo``: anything else (a work dir with nothing resumable in it is cleared first).
+- ``todo``: anything else (a work dir with nothing resumable in it is cleared first);
+- ``running``: another live process holds the cell's lock (``<work dir>.lock``): skipped.
+
+Several ``omoe experiment`` processes can share one grid (two GPUs, two machines on a shared disk):
+each takes a cell by creating its lock file exclusively, reads the cell's state afresh under it, and
+removes the lock when the cell ends. A lock whose process has died on this host is taken over; one
+from another host is respected until its file is removed.
 
 The base model is loaded once and reused: after each cell the adapter layers are removed again
 (``OMoEModel.unload``), which restores the original modules.
@@ -19,7 +25,10 @@ import json
 import os
 import platform
 import shutil
+import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,12 +49,16 @@ PREDICTIONS = "eval_predictions.jsonl"
 
 @dataclass
 class CellState:
-    state: str  # done | stale | trained | checkpoint | todo
+    state: str  # done | stale | trained | checkpoint | todo | running
     detail: str = ""
 
 
-def cell_state(spec: ExperimentSpec, cell: Cell) -> CellState:
-    """What is on disk for ``cell`` (see the module docstring)."""
+def cell_state(spec: ExperimentSpec, cell: Cell, *, locks: bool = True) -> CellState:
+    """What is on disk for ``cell`` (see the module docstring); ``locks=False`` ignores a lock (the
+    caller holds it)."""
+    holder = _live_holder(_lock_path(cell)) if locks else None
+    if holder is not None:
+        return CellState("running", f"locked by {holder}")
     result = spec.result_path(cell)
     if result.exists():
         try:
@@ -75,6 +88,61 @@ def cell_state(spec: ExperimentSpec, cell: Cell) -> CellState:
             return CellState("checkpoint", f"resumes from {latest.name}" + (f" of {steps}" if steps else ""))
         return CellState("stale", "checkpoint from another config")
     return CellState("todo")
+
+
+def _lock_path(cell: Cell) -> Path:
+    return cell.work_dir.with_name(cell.work_dir.name + ".lock")
+
+
+def _live_holder(path: Path) -> str | None:
+    """``pid N on HOST`` of the process holding the lock at ``path``; None if there is no lock or its
+    process is gone (same host only: another host's lock is taken as live)."""
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+        pid, host = int(info["pid"]), str(info["host"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"an unreadable lock file {path}"  # being written, or damaged: not ours to remove
+    if host == socket.gethostname():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass  # alive, another user's
+    return f"pid {pid} on {host}"
+
+
+@contextmanager
+def cell_lock(cell: Cell) -> Iterator[str | None]:
+    """Hold ``cell``'s lock for the block; yields None when held, else who holds it. A dead
+    process's lock on this host is removed and taken."""
+    path = _lock_path(cell)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": _now()})
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _live_holder(path)
+            if holder is not None:
+                yield holder
+                return
+            path.unlink(missing_ok=True)  # stale: its process died without removing it
+            continue
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(info)
+        try:
+            yield None
+        finally:
+            path.unlink(missing_ok=True)
+        return
+    yield f"a lock file {path} that keeps reappearing"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _same_training(read_config, cell: Cell) -> bool:
@@ -129,30 +197,39 @@ def run_experiment(
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("omoe experiment runs in one process; use omoe train under torchrun for one cell")
     cells = spec.select(only)
-    states = {c.id: cell_state(spec, c) for c in cells}
     records = _eval_records(spec, cells)  # bad test data fails before any training
     bases = BaseModels(model, tokenizer)
     written = []
     for i, cell in enumerate(cells, 1):
-        state = states[cell.id]
         tag = f"[{i}/{len(cells)}] {cell.id}"
-        if state.state == "done":
-            echo(f"{tag}: done, skipped ({state.detail})")
-            continue
-        if state.state in ("stale", "todo"):
-            if state.state == "stale":
-                echo(f"{tag}: {state.detail}; running it again")
-                spec.result_path(cell).unlink(missing_ok=True)
-            if cell.work_dir.exists():
-                shutil.rmtree(cell.work_dir)  # nothing resumable in it
-        try:
-            result = run_cell(spec, cell, state, bases, records, progress)
-        except BaseException:
-            bases.forget()
-            raise
-        written.append(result)
-        echo(f"{tag}: {_summary_line(result)}")
+        with cell_lock(cell) as holder:
+            if holder is not None:
+                echo(f"{tag}: running in another process ({holder}), skipped")
+                continue
+            result = _run_locked(spec, cell, bases, records, progress, tag, echo)
+        if result is not None:
+            written.append(result)
+            echo(f"{tag}: {_summary_line(result)}")
     return written
+
+
+def _run_locked(spec, cell: Cell, bases: BaseModels, records, progress: bool, tag: str, echo) -> dict | None:
+    """Run ``cell`` under its lock, from its state read now (another process may have finished it)."""
+    state = cell_state(spec, cell, locks=False)
+    if state.state == "done":
+        echo(f"{tag}: done, skipped ({state.detail})")
+        return None
+    if state.state in ("stale", "todo"):
+        if state.state == "stale":
+            echo(f"{tag}: {state.detail}; running it again")
+            spec.result_path(cell).unlink(missing_ok=True)
+        if cell.work_dir.exists():
+            shutil.rmtree(cell.work_dir)  # nothing resumable in it
+    try:
+        return run_cell(spec, cell, state, bases, records, progress)
+    except BaseException:
+        bases.forget()
+        raise
 
 
 def run_cell(
@@ -243,7 +320,7 @@ def run_cell(
             "total": round(time.perf_counter() - start, 3),
         },
         "work_dir": str(cell.work_dir),
-        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "finished_at": _now(),
     }
     atomic_write_text(
         cell.work_dir / PREDICTIONS, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
