@@ -14,6 +14,7 @@ from torch.testing import assert_close
 from omoe import OMoEConfig, get_omoe_model
 from omoe.analysis import effective_rank, pairwise_cosine
 from omoe.analysis.metrics import by_expert
+from omoe.analysis.run import aggregate, aggregate_table
 from omoe.cli.main import main
 from omoe.models.testing import tiny_llama
 from omoe.train import train
@@ -55,6 +56,25 @@ def test_by_expert_groups_top_k_slots():
 
 
 # ---------------------------------------------------------------------------- capture of every expert
+def test_aggregate_groups_a_methods_seeds_and_averages_over_layers_then_seeds():
+    def adapter(label, raw):
+        layers = {f"l{i}": {"cos_raw": {"mean": v}, "cos_mixed": {"mean": 0.0}} for i, v in enumerate(raw)}
+        return {"label": label, "routing": "soft, 2 experts", "layers": layers}
+
+    result = {"adapters": [adapter("moe__multi__seed0", [0.8, 1.0]), adapter("omoe__multi__seed0", [0.2, 0.4]),
+                           adapter("moe__multi__seed1", [0.6, 0.8]), adapter("mixlora", [0.1, 0.3])]}  # fmt: skip
+    rows = {r["group"]: r for r in aggregate(result)}
+    assert list(rows) == ["moe__multi", "omoe__multi", "mixlora"]
+    assert rows["moe__multi"]["cos_raw"] == pytest.approx([0.9, 0.7])
+    assert rows["moe__multi"]["cos_raw_mean"] == pytest.approx(0.8)
+    assert rows["moe__multi"]["cos_raw_std"] == pytest.approx(math.sqrt(0.02))
+    assert rows["omoe__multi"]["cos_raw_std"] is None and rows["mixlora"]["cos_raw_mean"] == pytest.approx(
+        0.2
+    )
+    table = aggregate_table(aggregate(result))
+    assert "| moe__multi | soft, 2 experts | 2 | +0.800 ± 0.141 | +0.000 ± 0.000 | +0.900 +0.700 |" in table
+
+
 @pytest.mark.parametrize("topology", ["ffn", "linear"])
 def test_every_experts_representation_under_top_k_matches_the_selected_ones_and_soft_routing(topology):
     base = tiny_llama(0)

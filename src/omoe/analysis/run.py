@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -189,6 +191,7 @@ def analyze(spec: AnalysisSpec, model=None, tokenizer=None) -> dict:
     out = Path(spec.output)
     if figure is not None:
         atomic_save_figure(figure, out / "tsne.png")
+    result["aggregate"] = aggregate(result)
     atomic_write_text(out / "summary.md", summary_table(result) + "\n")
     atomic_write_text(out / "analysis.json", json.dumps(result, indent=2) + "\n")
     return result
@@ -256,7 +259,58 @@ def summary_table(result: dict) -> str:
                 + " ".join(f"{x:.2f}" for x in s["load"])
                 + " |"
             )
+    if "aggregate" in result:
+        lines += ["", aggregate_table(result["aggregate"])]
     return "\n".join(lines)
+
+
+def aggregate(result: dict) -> list[dict]:
+    """Per group of adapters (labels equal but for a trailing ``__seed<N>``: one method over seeds),
+    the mean cosine over the analysed layers of each adapter, then mean ± sample std over the group."""
+    groups: dict[str, list[dict]] = {}
+    for a in result["adapters"]:
+        groups.setdefault(re.sub(r"__seed\d+$", "", a["label"]), []).append(a)
+    out = []
+    for name, members in groups.items():
+        row = {"group": name, "adapters": [a["label"] for a in members], "routing": members[0]["routing"]}
+        for key in ("cos_raw", "cos_mixed"):
+            per_adapter = [
+                statistics.fmean(s[key]["mean"] for s in a["layers"].values() if s[key] is not None)
+                for a in members
+                if any(s[key] is not None for s in a["layers"].values())
+            ]
+            row[key] = per_adapter
+            row[f"{key}_mean"] = statistics.fmean(per_adapter) if per_adapter else None
+            row[f"{key}_std"] = statistics.stdev(per_adapter) if len(per_adapter) > 1 else None
+        out.append(row)
+    return out
+
+
+def aggregate_table(rows: list[dict]) -> str:
+    """Markdown of :func:`aggregate`."""
+    lines = [
+        "Per adapter, the signed mean cosine averaged over the analysed layers; then mean ± sample std over the "
+        "adapters of a group (a method's seeds: labels equal but for `__seed<N>`), with each adapter's value.",
+        "",
+        "| group | routing | adapters | cos raw | cos mixed | cos raw per adapter |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        cells = [
+            _mean_std(r["cos_raw_mean"], r["cos_raw_std"]),
+            _mean_std(r["cos_mixed_mean"], r["cos_mixed_std"]),
+        ]
+        each = " ".join(f"{v + 0.0:+.3f}" for v in r["cos_raw"])
+        lines.append(
+            f"| {r['group']} | {r['routing']} | {len(r['adapters'])} | " + " | ".join(cells) + f" | {each} |"
+        )
+    return "\n".join(lines)
+
+
+def _mean_std(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "–"
+    return f"{mean + 0.0:+.3f}" + ("" if std is None else f" ± {std:.3f}")
 
 
 def _cos(c: dict | None) -> str:
