@@ -131,7 +131,24 @@ def test_answers_table_gives_the_top_prediction_share_from_counts_or_the_predict
     assert row(md, "omoe") == ["omoe", "multi", "75.0 `true`"]
     assert row(md, "gold majority") == ["gold majority", "", "75.0 `true`"]
     assert "| dora |" not in md
-    assert available_tables(load_results(write(tmp_path, [silent], name="bare"))) == ["2"]
+    assert available_tables(load_results(write(tmp_path, [silent], name="bare"))) == ["2", "runs"]
+
+
+def test_runs_table_lists_each_cells_wall_times_over_resumptions_and_the_totals(tmp_path):
+    first = cell("lora", "multi", {"boolq": 0.5}, seed=0)
+    second = cell("omoe", "multi", {"boolq": 0.5}, seed=0, method_index=1)
+    for c, (load, call_train, all_train, ev) in zip(
+        (first, second), ((5.0, 10.0, 10.0, 20.0), (0.0, 4.0, 30.0, 40.0))
+    ):
+        c["wall_seconds"] = {"load": load, "train": call_train, "eval": ev, "total": load + call_train + ev}
+        c["train"] = {"wall_seconds": all_train}  # the second cell was resumed: 30 s in all, 4 in this call
+        c["hardware"] = {"device": "cpu", "device_name": "AMD EPYC", "cpu_threads": 2}
+    (table,) = build_tables(load_results(write(tmp_path, [second, first])), ["runs"])
+    md = table.markdown
+    assert row(md, "lora__multi__seed0")[2:6] == ["5", "10", "20", "35"]
+    assert row(md, "omoe__multi__seed0")[2:7] == ["0", "30", "40", "70", "AMD EPYC (cpu, 2 threads)"]
+    assert md.index("lora__multi") < md.index("omoe__multi")
+    assert "| **2 cells** | | 5 | 40 | 60 | 105 (0.03 h) | | |" in md
 
 
 def test_table4_rows_are_the_orthogonal_layers_choices_per_setting(tmp_path):
@@ -195,6 +212,8 @@ def test_fig4_draws_accuracy_against_the_number_of_experts_one_line_per_routing(
         "fig4.csv",
         "fig4.md",
         "fig4.png",
+        "runs.csv",
+        "runs.md",
         "table2.csv",
         "table2.md",
     ]

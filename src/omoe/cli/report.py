@@ -8,7 +8,8 @@ Examples::
 
 Tables: 1 (single-task), 2 (single vs multi-task), 3 (efficiency), 4 (layer-wise, the paper's
 Tables 4-5), 10 (rank), fig4 (accuracy against the number of experts, one line per routing),
-answers (share of the most frequent prediction per task: is a model answering the same thing to all?).
+answers (share of the most frequent prediction per task: is a model answering the same thing to all?),
+runs (wall time and hardware of every cell).
 Accuracies are mean ± sample std over seeds, in percent; every table names its protocol.
 """
 
@@ -31,7 +32,7 @@ def register(subparsers) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--table", action="append", metavar="T",
-        help="1, 2, 3, 4, 10, fig4 or answers (repeatable or comma-separated; default: every table the results fill)",
+        help="1, 2, 3, 4, 10, fig4, answers or runs (repeatable or comma-separated; default: every table the results fill)",
     )  # fmt: skip
     parser.add_argument("--output", metavar="DIR", help="where the files go (default: the results directory)")
     parser.add_argument("--x", dest="x_key", metavar="KEY", help="fig4's x axis (default: adapter.num_experts "

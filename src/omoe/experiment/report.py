@@ -12,7 +12,8 @@ Tables (the OMoE paper's numbering):
 - ``answers``: per row and task, the share of test records given the most frequent prediction, beside
   the share of the most frequent gold answer: 100% means a constant answer, whose accuracy is only the
   label balance (read from each cell's answer counts, or from its predictions file when older results
-  lack them).
+  lack them);
+- ``runs``: one row per cell with its wall times (load, train, eval) and hardware, and the totals.
 
 Every accuracy is the mean over seeds with the sample standard deviation (n - 1), in percent; one
 seed is written ``±0.0 (1 seed)``, and a row with fewer seeds than the table says how many it has.
@@ -33,7 +34,7 @@ from pathlib import Path
 from omoe.errors import ConfigError
 from omoe.utils import atomic_save_figure, atomic_write_text
 
-TABLES = ("1", "2", "3", "4", "10", "fig4", "answers")
+TABLES = ("1", "2", "3", "4", "10", "fig4", "answers", "runs")
 BENCH_KIND = "omoe.bench.table3"
 _SWEEP_X = ("adapter.num_experts", "adapter.top_k")
 
@@ -91,6 +92,8 @@ def available_tables(results: Results, x_key: str | None = None) -> list[str]:
         out.append("fig4")
     if any(answer_counts(c) for c in results.cells):
         out.append("answers")
+    if results.cells:
+        out.append("runs")
     return out
 
 
@@ -214,6 +217,7 @@ def build_tables(results: Results, which: list[str] | None = None, x_key: str | 
         "10": table10,
         "fig4": fig4,
         "answers": answers,
+        "runs": runs,
     }
     out = []
     for name in which:
@@ -236,6 +240,7 @@ def _needs(name: str) -> str:
         "4": "it needs OMoE results with more than one adapter.orthogonal_layers",
         "10": "it needs results that sweep adapter.r",
         "fig4": "it needs results that sweep its x key (default adapter.num_experts or adapter.top_k)",
+        "runs": "it needs results of omoe experiment",
         "answers": "it needs answer counts in the results, or the cells' eval_predictions.jsonl in their work_dir",
     }[name]
 
@@ -568,6 +573,46 @@ def answers(results: Results) -> Table:
                          **{f"{t}_top": gold[t][0] for t in used}})  # fmt: skip
         parts.append("\n".join(lines))
     return Table("answers", "\n\n".join(parts), csv_rows)
+
+
+# ---------------------------------------------------------------------------- wall times
+def runs(results: Results) -> Table:
+    """One row per cell: its wall times and hardware, in the experiment's order; then the totals."""
+    cells = sorted(
+        results.cells, key=lambda c: (c["seed"], c["setting"], c["method_index"], c["sweep_index"], c["cell"])
+    )
+    lines = [
+        "### Runs: wall time per cell",
+        "",
+        f"Experiment {', '.join(dict.fromkeys(c['experiment'] for c in cells))}; seconds as recorded in each result "
+        "(train: over all resumptions of the cell; load: the base model, 0 when an earlier cell of the same "
+        "process had loaded it; total = load + train + eval).",
+        "",
+        "| cell | trainable params | load s | train s | eval s | total s | hardware | finished |",
+        "|---|---:|---:|---:|---:|---:|---|---|",
+    ]
+    csv_rows, totals = [], dict.fromkeys(("load", "train", "eval", "total"), 0.0)
+    for c in cells:
+        w, hw = dict(c.get("wall_seconds", {})), c.get("hardware", {})
+        w["train"] = c.get("train", {}).get("wall_seconds", w.get("train", 0.0))  # over all resumptions
+        w["total"] = w.get("load", 0.0) + w["train"] + w.get("eval", 0.0)
+        where = (
+            f"{hw.get('device_name', '?')} ({hw.get('device', '?')}, {hw.get('cpu_threads', '?')} threads)"
+        )
+        for k in totals:
+            totals[k] += w.get(k, 0.0)
+        lines.append(
+            f"| {c['cell']} | {c['trainable_parameters']:,d} | {w.get('load', 0):.0f} | {w.get('train', 0):.0f} | "
+            f"{w.get('eval', 0):.0f} | {w.get('total', 0):.0f} | {where} | {c.get('finished_at', '–')} |"
+        )
+        csv_rows.append({"cell": c["cell"], "trainable_parameters": c["trainable_parameters"],
+                         **{f"{k}_s": w.get(k) for k in totals}, "hardware": where,
+                         "finished_at": c.get("finished_at")})  # fmt: skip
+    lines.append(
+        f"| **{len(cells)} cells** | | {totals['load']:.0f} | {totals['train']:.0f} | {totals['eval']:.0f} | "
+        f"{totals['total']:.0f} ({totals['total'] / 3600:.2f} h) | | |"
+    )
+    return Table("runs", "\n".join(lines), csv_rows)
 
 
 # ---------------------------------------------------------------------------- writing
