@@ -86,6 +86,32 @@ def test_training_steps_reduce_loss_and_save_load_reproduces_outputs(case, tmp_p
     assert loaded.omoe_config == model.omoe_config
 
 
+@pytest.mark.parametrize("method", ["moe", "omoe"])
+def test_top_k_of_all_experts_is_soft_routing_in_loss_and_gradients(method):
+    """Top-2 of 2 selects every expert and renormalises the softmax over them: the soft router's
+    weights. The two code paths must agree (Fig. 4's k = 2 point of the top-2 line)."""
+    ids = torch.randint(3, 100, (2, 16), generator=torch.Generator().manual_seed(1))
+    results = []
+    for top_k in (None, 2):
+        torch.manual_seed(0)  # the same A and router initialisation for both
+        model = get_omoe_model(
+            tiny_llama(0), OMoEConfig(method=method, num_experts=2, top_k=top_k, dropout=0.0)
+        )
+        gen = torch.Generator().manual_seed(7)
+        for name, p in sorted(model.named_parameters()):
+            if p.requires_grad and "lora_B" in name:
+                p.data = 0.02 * torch.randn(p.shape, generator=gen)  # non-zero experts
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results.append((loss, grads))
+    (soft_loss, soft), (top_loss, top) = results
+    assert_close(top_loss, soft_loss, rtol=1e-6, atol=1e-6)
+    assert soft.keys() == top.keys()
+    for name in soft:
+        assert_close(top[name], soft[name], rtol=1e-4, atol=1e-6 * soft[name].abs().max().item(), msg=name)
+
+
 def test_mixlora_aux_loss_is_added_to_the_loss_with_its_coefficient():
     model = get_omoe_model(
         _base(), OMoEConfig(method="moe", num_experts=8, top_k=2, router_aux_loss_coef=0.5)
