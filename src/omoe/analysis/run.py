@@ -240,6 +240,8 @@ def _tsne_figure(spec: AnalysisSpec, panels: list[list[tuple[LayerRecord, dict]]
 def summary_table(result: dict) -> str:
     """Markdown: one row per adapter and layer."""
     lines = [
+        "### Expert diversity per adapter and layer",
+        "",
         f"Task {result['task']} ({result['split']}), at least {result['tokens_requested']} tokens; cos = mean "
         "pairwise cosine similarity between experts (raw: every expert on the same token; mixed: what the "
         "layer mixes, after Gram-Schmidt for OMoE), signed mean / mean of |cos|; erank = effective rank, "
@@ -289,6 +291,8 @@ def aggregate(result: dict) -> list[dict]:
 def aggregate_table(rows: list[dict]) -> str:
     """Markdown of :func:`aggregate`."""
     lines = [
+        "### Expert diversity per adapter group, mean over the analysed layers",
+        "",
         "Per adapter, the signed mean cosine averaged over the analysed layers; then mean ± sample std over the "
         "adapters of a group (a method's seeds: labels equal but for `__seed<N>`), with each adapter's value.",
         "",
