@@ -326,3 +326,18 @@ def test_cpu_peak_bytes_is_the_most_tensor_memory_alive_at_once():
         return b.sum()
 
     assert cpu_peak_bytes(fn) == pytest.approx(4608 * 1024, abs=64)
+
+
+def test_bench_table3_measures_a_real_models_weights_with_model(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "table3.json"
+    argv = ["bench", "--table3", "--model", str(tiny_model_dir), "--variants", "base,omoe-soft", "--batch", "2",
+            "--prompt-tokens", "8", "--new-tokens", "3", "--rounds", "1", "--output", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    data = json.loads(out.read_text())
+    assert data["meta"]["weights"] == "pretrained weights" and data["meta"]["preset"] == str(tiny_model_dir)
+    assert [r["method"] for r in data["results"]] == ["base", "omoe-soft"]
+    assert data["results"][1]["trainable"] > 0 and data["results"][1]["extra_peak_mib"] > 0
+    capsys.readouterr()
+    assert main(["bench", "--model", str(tiny_model_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--model applies to --table3 only" in err and len(err.splitlines()) == 1

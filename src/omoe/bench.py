@@ -303,6 +303,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     table3.add_argument("--table3", action="store_true", help="measure the paper's Table 3 instead")
     table3.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt")
     table3.add_argument("--prompt-tokens", type=int, default=64, help="tokens per prompt (random ids)")
+    table3.add_argument(
+        "--model", default=None,
+        help="measure this model's real weights (a built-in name such as smollm2-135m-instruct, a .gguf "
+        "file or a local HF directory) instead of random weights of --preset's shape",
+    )  # fmt: skip
 
 
 def _table3_methods() -> tuple[str, ...]:
@@ -336,6 +341,8 @@ def main_from_args(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda asked for, but CUDA is not available; allowed here: cpu")
     on_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
+    if args.model and not args.table3:
+        raise ConfigError("--model applies to --table3 only; the training benchmark uses --preset shapes")
     if args.table3:
         from omoe.experiment.efficiency import table3_main
 

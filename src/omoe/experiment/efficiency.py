@@ -2,8 +2,8 @@
 
 ``omoe bench --table3``. One run builds one random LLaMA of a preset's shape (LLaMA-2 7B in bf16 on
 CUDA, the bundled SmolLM2-135M's shape in fp32 on CPU: random weights, so the timings are those of
-the architecture, not of any trained model) and measures, for the base model and each method in
-turn (adapters injected, measured, unloaded):
+the architecture, not of any trained model), or loads a real model's weights (``--model``), and
+measures, for the base model and each method in turn (adapters injected, measured, unloaded):
 
 - latency: wall time of ``generate`` for a batch of prompts, greedy, exactly ``new_tokens`` new
   tokens each (EOS cannot stop it early), median over rounds, variants taking turns;
@@ -43,6 +43,20 @@ DEFAULT_METHODS = ("base", "lora", "dora", "moe-top2of8", "omoe-soft", "omoe-top
 def build_config(method: str, r: int) -> OMoEConfig | None:
     spec = METHODS[method]
     return None if spec is None else OMoEConfig(**spec, r=r, alpha=2 * r)
+
+
+def _pretrained(name: str, device=None):
+    """A loadable model's real weights, frozen: bf16 on CUDA, fp32 on CPU, as ``random_llama``."""
+    from omoe.models import load_model
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)
+    model, _ = load_model(name, dtype=dtype, device=device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, device, dtype
 
 
 def measure(model, method: str, ids, *, r, new_tokens, autocast_dtype) -> dict:
@@ -110,13 +124,20 @@ def measure(model, method: str, ids, *, r, new_tokens, autocast_dtype) -> dict:
 
 
 def run(preset: str, methods=DEFAULT_METHODS, *, batch=8, new_tokens=32, prompt_tokens=64, rounds=3,
-        r=16, device=None, layers=None, seed=0) -> dict:  # fmt: skip
-    """Measure ``methods`` on a random model of ``preset``'s shape; the JSON ``omoe report --table 3`` reads."""
+        r=16, device=None, layers=None, seed=0, model_name=None) -> dict:  # fmt: skip
+    """Measure ``methods`` on a random model of ``preset``'s shape, or on the real weights of
+    ``model_name``; the JSON ``omoe report --table 3`` reads."""
     from omoe.bench import random_llama
     from omoe.experiment.report import BENCH_KIND
     from omoe.experiment.runner import hardware
 
-    model, spec, device, dtype = random_llama(preset, device, layers, seed)
+    if model_name is None:
+        model, spec, device, dtype = random_llama(preset, device, layers, seed)
+        weights = "random weights"
+    else:
+        model, device, dtype = _pretrained(model_name, device)
+        spec = {"vocab_size": model.config.vocab_size, "num_hidden_layers": model.config.num_hidden_layers}
+        preset, weights = model_name, "pretrained weights"
     model.generation_config.eos_token_id = None  # no early stop: exactly new_tokens for every method
     ids = torch.randint(3, spec["vocab_size"], (batch, prompt_tokens), device=device)
     autocast_dtype = torch.bfloat16 if device.type == "cuda" else None
@@ -147,7 +168,7 @@ def run(preset: str, methods=DEFAULT_METHODS, *, batch=8, new_tokens=32, prompt_
     meta = {
         "preset": preset,
         "layers": spec["num_hidden_layers"],
-        "weights": "random weights",
+        "weights": weights,
         "device": hw["device_name"]
         if device.type == "cuda"
         else f"{hw['device_name']} ({torch.get_num_threads()} threads)",
@@ -177,6 +198,7 @@ def table3_main(args, preset: str, methods: list[str]) -> int:
     data = run(
         preset, tuple(methods), batch=args.batch or 8, new_tokens=args.new_tokens,
         prompt_tokens=args.prompt_tokens, rounds=args.rounds, r=args.r, device=args.device, layers=args.layers,
+        model_name=getattr(args, "model", None),
     )  # fmt: skip
     print(table3(Results([], [data], Path("."))).markdown)
     if args.output:
