@@ -519,17 +519,18 @@ def answer_counts(cell: dict) -> dict[tuple[str, str], tuple[dict, dict]]:
 def answers(results: Results) -> Table:
     """Share (%) of test records given the most frequent prediction, per row and task (mean over
     seeds), with the most frequent answer named; a last row gives the gold answers' majority share."""
-    cells = [c for c in results.cells if answer_counts(c)]
+    counted = [(c, counts) for c in results.cells if (counts := answer_counts(c))]  # read each file once
+    cells = [c for c, _ in counted]
     row_of = method_row(cells)
     tasks = list(dict.fromkeys(t for c in cells for t in c["eval_tasks"]))
     parts, csv_rows = [], []
     for protocol in _protocols(cells):
         rows: dict[tuple, dict] = {}  # (order, setting, label) -> task -> [(top answer, share)]
         gold: dict[str, tuple[str, float]] = {}
-        for c in cells:
+        for c, counts in counted:
             order, label = row_of(c)
             row = rows.setdefault((order, c["setting"], label), {})
-            for (task, proto), (predicted, truth) in answer_counts(c).items():
+            for (task, proto), (predicted, truth) in counts.items():
                 if proto != protocol:
                     continue
                 n = sum(truth.values())
