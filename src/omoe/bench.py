@@ -164,6 +164,16 @@ def bench_variant(variant, model, batch, *, r, steps, warmup, autocast_dtype) ->
     return Result(variant, trainable, statistics.median(times), saved, peak)
 
 
+def bench_device(device=None) -> tuple[torch.device, torch.dtype]:
+    """The device (default: CUDA when available) and weight dtype (bf16 on CUDA, fp32 on CPU)."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cpu":
+        # Denormal floats (e.g. from SiLU's tails) make CPU arithmetic several times slower; the
+        # flag applies to every variant alike. The train/eval commands set it too.
+        torch.set_flush_denormal(True)
+    return device, (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
 def random_llama(preset: str, device=None, layers: int | None = None, seed: int = 0):
     """A frozen random ``LlamaForCausalLM`` of ``preset``'s shape: bf16 on CUDA, fp32 on CPU.
 
@@ -174,12 +184,7 @@ def random_llama(preset: str, device=None, layers: int | None = None, seed: int 
     spec = {k: v for k, v in PRESETS[preset].items() if k not in ("batch", "seq")}
     if layers:
         spec["num_hidden_layers"] = layers
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cpu":
-        # Denormal floats (e.g. from SiLU's tails) make CPU arithmetic several times slower; the
-        # flag applies to every variant alike. The train/eval commands set it too.
-        torch.set_flush_denormal(True)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    device, dtype = bench_device(device)
     torch.manual_seed(seed)
     with torch.device(device):
         model = LlamaForCausalLM(LlamaConfig(**spec, dtype=dtype)).to(dtype)

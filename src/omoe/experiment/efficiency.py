@@ -47,12 +47,10 @@ def build_config(method: str, r: int) -> OMoEConfig | None:
 
 def _pretrained(name: str, device=None):
     """A loadable model's real weights, frozen: bf16 on CUDA, fp32 on CPU, as ``random_llama``."""
+    from omoe.bench import bench_device
     from omoe.models import load_model
 
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    if device.type == "cpu":
-        torch.set_flush_denormal(True)
+    device, dtype = bench_device(device)
     model, _ = load_model(name, dtype=dtype, device=device)
     for p in model.parameters():
         p.requires_grad_(False)
