@@ -172,15 +172,14 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("k", "routing", "topology"), CASES, ids=["-".join(map(str, c)) for c in CASES])
-def test_orthogonal_step_updates_are_orthogonal_to_the_other_experts_inputs(k, routing, topology):
-    """||dA_i X_j^T|| and ||dB_i (A_i X_j^T)|| <= tol ||.|| ||.|| for every pair i != j (union of the
-    others' inputs; for k = 2 'mean' is the same projector). The accumulating step before it is not.
-    r = 16 > the 3 x 4 codes of the other experts: with more codes than r, B's update would be 0."""
+def _orthogonality_after_one_orthogonal_step(k, routing, topology, **options):
+    """Worst relative ``||delta_i X_j^T|| / (||delta_i|| ||X_j||)`` over expert pairs i != j of every expert
+    module, for the orthogonal step's dA, dB (against the codes ``X_j A_i^T``) and dW = d(B A), and for the
+    accumulating step's dA before it. X_j = expert j's recorded input means (its routing-weighted inputs)."""
     model = _moe(k, routing, topology, r=16)
     opt = OrthogonalExpertOptimizer(model, torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=1e-2), accumulate_steps=2, alpha=1e-12,
-        combine="union" if k > 2 else "mean")  # fmt: skip
+        **options)  # fmt: skip
     ids, mask = _batches(3)
     _step(model, opt, ids[0], mask[0])
     before = {g.name: (g.experts.lora_A.clone(), g.experts.lora_B.clone()) for g in opt.groups}
@@ -195,7 +194,7 @@ def test_orthogonal_step_updates_are_orthogonal_to_the_other_experts_inputs(k, r
     def ratio(delta, inputs):  # ||delta inputs^T|| / (||delta|| ||inputs||)
         return ((delta @ inputs.T).norm() / (delta.norm() * inputs.norm())).item()
 
-    worst_a = worst_b = worst_w = plain_a = 0.0
+    worst = dict.fromkeys(("A", "B", "W", "plain A"), 0.0)
     for g in opt.groups:
         A0, B0 = before[g.name]
         dA, dB = g.experts.lora_A - A0, g.experts.lora_B - B0
@@ -203,13 +202,35 @@ def test_orthogonal_step_updates_are_orthogonal_to_the_other_experts_inputs(k, r
         for i, j in itertools.permutations(range(k), 2):
             if Xs[j].abs().sum() == 0:
                 continue
-            worst_a = max(worst_a, ratio(dA[i], Xs[j]))
-            worst_b = max(worst_b, ratio(dB[i], Xs[j] @ A0[i].T))
             dW = g.experts.lora_B[i] @ g.experts.lora_A[i] - B0[i] @ A0[i]
-            worst_w = max(worst_w, ratio(dW, Xs[j]))
-            plain_a = max(plain_a, ratio(plain[g.name][i], Xs[j]))
-    assert worst_a < 1e-4 and worst_b < 1e-4 and worst_w < 1e-4, (worst_a, worst_b, worst_w)
-    assert plain_a > 1e-2  # the unprojected AdamW update is far from orthogonal
+            for key, value in (("A", ratio(dA[i], Xs[j])), ("B", ratio(dB[i], Xs[j] @ A0[i].T)),
+                               ("W", ratio(dW, Xs[j])), ("plain A", ratio(plain[g.name][i], Xs[j]))):  # fmt: skip
+                worst[key] = max(worst[key], value)
+    return worst
+
+
+@pytest.mark.parametrize(("k", "routing", "topology"), CASES, ids=["-".join(map(str, c)) for c in CASES])
+def test_orthogonal_step_updates_are_orthogonal_to_the_other_experts_inputs(k, routing, topology):
+    """With the default options ('union'), every expert's update is orthogonal to every other expert's
+    recorded inputs: the relative residual is <= 1e-4 for every pair i != j. With alpha = 1e-12 the
+    projection itself leaves ~alpha / sigma^2 of a direction; what remains is float32 rounding of the
+    weights A_old + delta (relative eps 6e-8) and of the means: measured 5e-8 .. 7e-8 for dA and up to
+    6e-6 for dB (its codes X_j A_i^T are formed in float32), so 1e-4 leaves a 15x margin. The
+    accumulating step before it is not orthogonal (measured 0.30 .. 0.34). r = 16 > the 3 x 4 codes of
+    the other experts: with more codes than r, B's update would be 0."""
+    assert OrthogonalConfig().combine == "union"
+    worst = _orthogonality_after_one_orthogonal_step(k, routing, topology)
+    assert worst["A"] < 1e-4 and worst["B"] < 1e-4 and worst["W"] < 1e-4, worst
+    assert worst["plain A"] > 1e-2, worst  # the unprojected AdamW update is far from orthogonal
+
+
+def test_mean_combination_is_not_orthogonal_to_the_other_experts_inputs_for_four_experts():
+    """k = 4, 'mean': (1/3) sum_{j != i} P_j removes only a third of each other expert's directions
+    (two of the three averaged projectors keep them), so the check above fails (measured 0.034 for dA,
+    0.040 for dW: 3x above 1e-2 and 600x above the 'union' bound). For k = 2 'mean' and 'union' are
+    one projector (the cases above with k = 2)."""
+    worst = _orthogonality_after_one_orthogonal_step(4, "soft", "ffn", combine="mean")
+    assert worst["A"] > 1e-2 and worst["W"] > 1e-2, worst
 
 
 def test_mean_combination_applies_the_average_of_the_other_experts_rls_projectors():

@@ -9,7 +9,7 @@ from omoe.errors import ConfigError
 
 PLACEMENTS = ("factored", "full")
 PROJECTS = ("both", "A", "B")
-COMBINES = ("mean", "union")
+COMBINES = ("union", "mean")
 
 
 @dataclass
@@ -59,10 +59,10 @@ class OrthogonalConfig:
         },
     )
     combine: str = field(
-        default="mean",
+        default="union",
         metadata={
-            "help": f"one of {COMBINES}: expert i's projector is the mean of the other experts' projectors "
-            "(the paper's averaged projectors) or the projector of all their inputs together"
+            "help": f"one of {COMBINES}: 'union' makes expert i's update orthogonal to the span of all other "
+            "experts' inputs; 'mean' averages their projectors instead (equal for 2 experts, for more only a damping)"
         },
     )
 

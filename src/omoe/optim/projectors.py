@@ -7,9 +7,11 @@ equals after n updates (Sherman-Morrison, then Woodbury)
     P = (I + X^T X / alpha)^-1 = I - X^T (X X^T + alpha I)^-1 X            (n x n solve, no d x d)
 
 so ``delta P`` only needs ``X``. Expert i's update is projected with the other experts' projectors:
-``mean`` = ``(1/(E-1)) sum_{j != i} P_j`` (the paper's averaged projectors) or ``union`` = the
-projector of all their inputs together, ``P(X_{-i})``, which makes ``delta_i x = 0`` (up to alpha)
-for every x in the span of every other expert's inputs.
+``union`` (the default) = the projector of all their inputs together, ``P(X_{-i})``, which makes
+``delta_i x = 0`` (up to alpha) for every x in the span of every other expert's inputs, as the
+abstract of Liu et al. 2023 states; or ``mean`` = ``(1/(E-1)) sum_{j != i} P_j`` (the third-party
+summary's "averaged projector matrices"), the same for E = 2 but for E > 2 only a damping: on x in
+span(X_j) it keeps ``(1/(E-1)) sum_{l != i, j} P_l x``.
 """
 
 from __future__ import annotations
