@@ -118,9 +118,11 @@ def test_mixlora_aux_loss_is_added_to_the_loss_with_its_coefficient():
     )
     ids, mask = _batch()
     out = model(input_ids=ids, attention_mask=mask, labels=ids)
+    stats = model.router_stats()
+    # The mean over layers (MoE-PEFT's and HF Mixtral's scale), not the sum.
+    assert_close(out.aux_loss, torch.stack([s.aux_loss for s in stats.values()]).mean())
     plain = model.base_model(input_ids=ids, attention_mask=mask, labels=ids).loss
     assert_close(out.loss, plain + 0.5 * out.aux_loss, rtol=1e-5, atol=1e-5)
-    stats = model.router_stats()
     assert len(stats) == 3
     # Balanced top-2 of 8 gives E * sum f*P >= top_k; padded tokens are excluded from f.
     assert all(s.aux_loss.item() >= 2 - 1e-4 for s in stats.values())

@@ -43,7 +43,7 @@ class OMoEModel(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, *args, **kwargs):
         """The wrapped model's forward; with ``labels`` and a non-zero ``router_aux_loss_coef`` the
-        returned ``loss`` includes ``coef * aux_loss``, and ``outputs.aux_loss`` holds the raw sum."""
+        returned ``loss`` includes ``coef * aux_loss``, and ``outputs.aux_loss`` holds the raw loss (mean over layers)."""
         mask = kwargs.get("attention_mask")
         self._token_mask.mask = None if mask is None else mask.reshape(-1).bool()
         try:
@@ -85,11 +85,14 @@ class OMoEModel(nn.Module):
         }
 
     def aux_loss(self) -> torch.Tensor:
-        """Sum over MoE layers of the load-balancing loss of the last forward pass (with graph)."""
+        """Mean over MoE layers of the load-balancing loss of the last forward pass (with graph).
+
+        The mean, not the sum: MoE-PEFT (MixLoRA) and HF Mixtral compute one loss over the router logits
+        of all layers together, so their coefficient (MoE-PEFT's 0.001) is per layer, not per model."""
         losses = [s.aux_loss for s in self.router_stats().values()]
         if not losses:
             return torch.zeros(())
-        return torch.stack(losses).sum()
+        return torch.stack(losses).mean()
 
     @contextlib.contextmanager
     def capture_representations(self, all_experts: bool = False):
