@@ -27,8 +27,8 @@ from omoe.train.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = sorted((ROOT / "experiments").rglob("*.yaml"))
-EIGHT = ["lora_r16", "lora_r80", "dora_r16", "moe_soft_k2", "mixlora_top2of8", "omoe_lora", "omoe_dora",
-         "omoe_top2of8"]  # fmt: skip
+NINE = ["lora_r16", "lora_r80", "dora_r16", "dora_r80", "moe_soft_k2", "mixlora_top2of8", "omoe_lora",
+        "omoe_dora", "omoe_top2of8"]  # fmt: skip
 
 # Two methods x one multi-task setting x one seed; boolq prompts cut to 32 tokens so steps are cheap.
 GRID = {
@@ -94,33 +94,42 @@ def test_shipped_experiment_parses_and_dry_runs_without_writing(path, tmp_path, 
     assert list(tmp_path.iterdir()) == []
 
 
-def test_table_configs_hold_the_eight_methods_with_their_adapters():
-    for path in (
-        ROOT / "experiments/table1_single_task.yaml",
-        ROOT / "experiments/smollm2/table2_multi_task.yaml",
-    ):
-        spec = load_experiment(path)
-        assert list(spec.methods) == EIGHT
-        adapter = {c.method: c.config.adapter for c in spec.cells}
-        assert (adapter["lora_r80"].method, adapter["lora_r80"].r, adapter["lora_r80"].alpha) == (
-            "lora",
-            80,
-            160,
-        )
-        assert (adapter["mixlora_top2of8"].method, adapter["mixlora_top2of8"].num_experts,
-                adapter["mixlora_top2of8"].routing) == ("moe", 8, "topk")  # fmt: skip
-        assert adapter["omoe_dora"].use_dora and adapter["omoe_dora"].method == "omoe"
-        assert adapter["omoe_lora"].routing == "soft" and adapter["omoe_lora"].num_experts == 2
-    layerwise = load_experiment(ROOT / "experiments/smollm2/table4_5_layerwise.yaml")
-    assert {c.config.adapter.orthogonal_layers for c in layerwise.cells} >= {"none", "all", "low+high"}
-    rank = load_experiment(ROOT / "experiments/table10_rank.yaml")
-    assert {(c.config.adapter.r, c.config.adapter.alpha) for c in rank.cells} == {
-        (2, 4),
-        (4, 8),
-        (8, 16),
-        (16, 32),
-        (32, 64),
-    }
+def _experiment_pairs(*stems):
+    """(LLaMA, SmolLM2) versions of each experiment file."""
+    return [ROOT / "experiments" / sub / f"{stem}.yaml" for stem in stems for sub in ("", "smollm2")]
+
+
+@pytest.mark.parametrize("path", _experiment_pairs("table1_single_task", "table2_multi_task"),
+                         ids=lambda p: str(p.relative_to(ROOT)))  # fmt: skip
+def test_table_configs_hold_the_papers_baselines_as_moe_peft_ran_them(path):
+    spec = load_experiment(path)
+    assert list(spec.methods) == NINE
+    adapter = {c.method: c.config.adapter for c in spec.cells}
+    for name, method in (("lora_r80", "lora"), ("dora_r80", "dora")):  # the paper's Table 8: r 80, alpha 160
+        assert (adapter[name].method, adapter[name].r, adapter[name].alpha) == (method, 80, 160)
+    mixlora = adapter["mixlora_top2of8"]  # MoE-PEFT's MixLoRA: top-2 of 8, load-balancing loss 0.001
+    assert (mixlora.method, mixlora.num_experts, mixlora.routing, mixlora.router_aux_loss_coef) == (
+        "moe", 8, "topk", 0.001)  # fmt: skip
+    assert all(a.router_aux_loss_coef == 0 for name, a in adapter.items() if name != "mixlora_top2of8")
+    assert adapter["omoe_dora"].use_dora and adapter["omoe_dora"].method == "omoe"
+    assert adapter["omoe_lora"].routing == "soft" and adapter["omoe_lora"].num_experts == 2
+    settings = {c.setting for c in spec.cells}
+    assert settings == ({"single", "multi"} if path.stem == "table2_multi_task" else {"single"})
+
+
+@pytest.mark.parametrize("path", _experiment_pairs("table4_5_layerwise", "table10_rank", "fig4_k_routing"),
+                         ids=lambda p: str(p.relative_to(ROOT)))  # fmt: skip
+def test_sweep_configs_run_the_papers_settings(path):
+    spec = load_experiment(path)
+    if path.stem == "fig4_k_routing":  # Fig. 4: k = 2..7
+        assert sorted({c.config.adapter.num_experts for c in spec.cells}) == [2, 3, 4, 5, 6, 7]
+        return
+    assert {c.setting for c in spec.cells} == {"single"}  # Tables 4 and 10 are single-task runs
+    if path.stem == "table10_rank":
+        assert {(c.config.adapter.r, c.config.adapter.alpha) for c in spec.cells} == {
+            (2, 4), (4, 8), (8, 16), (16, 32), (32, 64)}  # fmt: skip
+    else:
+        assert {c.config.adapter.orthogonal_layers for c in spec.cells} >= {"none", "all", "low+high"}
 
 
 def test_cells_are_the_product_of_settings_tasks_sweep_methods_and_seeds(tmp_path):
