@@ -10,7 +10,9 @@ from omoe.cli.main import main
 def test_params_prints_the_paper_counts_for_llama2_7b(capsys):
     assert main(["params", "--shape", "llama2-7b"]) == 0
     out = capsys.readouterr().out
-    assert "| OMoE-LoRA soft k=2 | 63,438,848 |" in out
+    assert "| OMoE-LoRA soft k=2 | 63,438,848 | 0.941 |" in out  # of 6,738,415,616 (the paper says 0.73%)
+    # LoRA r80 plus one magnitude per output row: 32 x (4 x 4096 + 2 x 11008 + 4096) = 1,359,872
+    assert "| DoRA r80 (the paper's Table 8) | 201,244,672 |" in out
     assert "| MixLoRA top-2 of 8 | 203,423,744 |" in out
     assert "| LoRA r80 (MixLoRA budget) | 199,884,800 |" in out
 

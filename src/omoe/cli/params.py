@@ -24,6 +24,7 @@ BASELINES = {
     "LoRA r16": dict(method="lora"),
     "LoRA r80 (MixLoRA budget)": dict(method="lora", r=80, alpha=160),
     "DoRA r16": dict(method="dora"),
+    "DoRA r80 (the paper's Table 8)": dict(method="dora", r=80, alpha=160),
     "MoE soft k=2": dict(method="moe"),
     "MixLoRA top-2 of 8": dict(method="moe", num_experts=8, top_k=2),
     "OMoE-LoRA soft k=2": dict(),
