@@ -1,8 +1,14 @@
 """Shared fixtures: the real SmolLM2 tokenizer (converted once, then read from the omoe cache)."""
 
+import os
+
 import pytest
 
 from omoe.errors import OMoEError
+
+# precision "auto" means fp32 on a CPU without native bf16: make every test (and the subprocesses it
+# starts) see such a CPU, so tolerances do not depend on the machine; bf16 is tested explicitly.
+os.environ.setdefault("OMOE_CPU_BF16", "0")
 
 
 @pytest.fixture(scope="session")

@@ -273,3 +273,59 @@ def test_sigkilled_run_resumes_to_the_weights_of_an_uninterrupted_run(
     a, b = read_metrics(reference.output_dir / "metrics.jsonl"), read_metrics(metrics)
     assert [r["step"] for r in b] == list(range(1, 13))
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], abs=1e-6)
+
+
+# ---------------------------------------------------------------------------- precision
+def test_training_records_the_precision_it_used(tmp_path, smollm2_tokenizer, monkeypatch):
+    from omoe.models import precision
+
+    monkeypatch.setenv(precision.CPU_BF16_ENV, "1")
+    result = run_tiny(tmp_path, smollm2_tokenizer, "auto", **{"optim.max_steps": 1})
+    assert json.loads((result.output_dir / "train_results.json").read_text())["precision"] == "bf16"
+    assert math.isfinite(result.history[0]["loss"])
+    monkeypatch.setenv(precision.CPU_BF16_ENV, "0")
+    result = run_tiny(tmp_path, smollm2_tokenizer, "fallback", **{"optim.max_steps": 1})
+    assert json.loads((result.output_dir / "train_results.json").read_text())["precision"] == "fp32"
+
+
+# ---------------------------------------------------------------------------- length-grouped batches
+def _lengths_data(n=230, global_batch=4, micro=2, seed=3, group=True):
+    """Examples of random lengths 5..199; 230 of them in batches of 4 are mega-batches of 200 and 30."""
+    from omoe.train.data import TrainData
+
+    g = torch.Generator().manual_seed(0)
+    examples = []
+    for length in torch.randint(5, 200, (n,), generator=g).tolist():
+        ids = torch.ones(length, dtype=torch.long)
+        examples.append({"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)})
+    return TrainData(examples, 0, global_batch, micro, seed, group_by_length=group)
+
+
+def _padded_tokens(data, epoch):
+    order = data.permutation(epoch)
+    chunks = [order[i : i + data.micro_batch_size] for i in range(0, len(order), data.micro_batch_size)]
+    return sum(len(c) * max(data.lengths[i] for i in c) for c in chunks)
+
+
+def test_length_grouped_epochs_visit_every_example_once_in_a_seeded_order():
+    data = _lengths_data()
+    orders = [data.permutation(e) for e in range(3)]
+    assert all(sorted(o) == list(range(230)) for o in orders)
+    assert orders[0] != orders[1] != orders[2]
+    again = _lengths_data()  # a fresh object (a resumed run) computes the same order for any step
+    assert [again.global_batch(s) for s in (150, 3, 57)] == [data.global_batch(s) for s in (150, 3, 57)]
+    assert _lengths_data(seed=4).permutation(0) != orders[0]
+    # the micro-batch size (and so the number of processes) cuts a global batch but does not change it
+    batches = [data.global_batch(s) for s in range(58)]
+    assert [_lengths_data(micro=4).global_batch(s) for s in range(58)] == batches
+    assert [_lengths_data(micro=1).global_batch(s) for s in range(58)] == batches
+    assert [len(b) for b in batches[-2:]] == [4, 2]  # the short batch closes the epoch
+
+
+def test_length_grouping_pads_less_and_keeps_batches_within_a_length_band():
+    grouped, plain = _lengths_data(), _lengths_data(group=False)
+    real = sum(grouped.lengths)
+    assert _padded_tokens(grouped, 0) < 1.05 * real < 1.2 * real < _padded_tokens(plain, 0)
+    spread = [max(grouped.lengths[i] for i in b) - min(grouped.lengths[i] for i in b)
+              for b in map(grouped.global_batch, range(57))]  # fmt: skip
+    assert max(spread) < 40  # lengths 5..199 drawn at random: a random batch of 4 spans ~100

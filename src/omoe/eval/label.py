@@ -19,6 +19,7 @@ from omoe.data.prompts import build_prompt
 from omoe.data.tasks import ANSWER_TEMPLATE, Task
 from omoe.errors import ConfigError
 from omoe.eval.batching import length_sorted_batches, model_device, pad, progress_bar
+from omoe.models.logits import selected_logits
 
 
 def label_tokens(
@@ -74,11 +75,10 @@ class LabelProtocol:
         ):
             # Right padding: real tokens never attend to pads and keep their positions.
             input_ids, attention_mask = pad([inputs[i] for i in batch], tokenizer.pad_token_id, side="right")
-            logits = model(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)
-            ).logits  # (B, T, V)
-            last = attention_mask.sum(1).to(device) - 1  # (B,) position of each row's last real token
-            next_logits = logits[torch.arange(len(batch), device=device), last]  # (B, V)
+            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+            last = attention_mask.sum(1) - 1  # (B,) position of each row's last real token
+            keep = torch.nn.functional.one_hot(last, input_ids.shape[1]).bool()  # (B, T)
+            next_logits = selected_logits(model, input_ids, attention_mask, keep)  # (B, V): last ones only
             scores[batch] = next_logits[:, label_index].float().cpu()  # (B, labels)
 
         predictions = []

@@ -17,6 +17,7 @@ from omoe.data.loader import DataFormatError
 from omoe.data.prompts import build_prompt
 from omoe.data.tasks import Task
 from omoe.eval.batching import length_sorted_batches, model_device, pad, progress_bar
+from omoe.models.logits import selected_logits
 
 FORMAT_MARKER = "Answer format:"
 
@@ -75,13 +76,14 @@ def continuation_logprobs(
     out = torch.empty(len(seqs), dtype=torch.float64)
     for batch in progress_bar(length_sorted_batches([len(s) for s in seqs], batch_size), desc, progress):
         input_ids, attention_mask = pad([seqs[i] for i in batch], pad_id, side="right")  # (B, T)
-        logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
         ctx_len = torch.tensor([len(contexts[i]) for i in batch])[:, None]  # (B, 1)
         cont_len = torch.tensor([len(continuations[i]) for i in batch])[:, None]  # (B, 1)
-        pos = torch.arange(input_ids.shape[1] - 1)[None, :]  # (1, T-1): logits at pos predict token pos+1
-        scored = (pos >= ctx_len - 1) & (pos < ctx_len + cont_len - 1)  # (B, T-1)
+        pos = torch.arange(input_ids.shape[1])[None, :]  # (1, T): logits at pos predict token pos+1
+        scored = (pos >= ctx_len - 1) & (pos < ctx_len + cont_len - 1)  # (B, T), never the last column
         rows, cols = scored.nonzero(as_tuple=True)  # (M,), (M,)
-        picked = logits[rows.to(device), cols.to(device)].float()  # (M, V)
+        picked = selected_logits(
+            model, input_ids.to(device), attention_mask.to(device), scored.to(device)
+        ).float()  # (M, V): the continuation's positions only, rows in the order of (rows, cols)
         targets = input_ids[rows, cols + 1].to(device)  # (M,)
         token_lp = picked.log_softmax(-1).gather(1, targets[:, None]).squeeze(1).double().cpu()  # (M,)
         out[batch] = torch.zeros(len(batch), dtype=torch.float64).index_add_(0, rows, token_lp)

@@ -14,6 +14,7 @@ from omoe.data.loader import bundled_file, load_task
 from omoe.data.tasks import TASK_NAMES, Task, get_task, parse_task_list
 from omoe.errors import AdapterLoadError, ConfigError, OMoEError
 from omoe.eval.evaluate import evaluate, get_protocol
+from omoe.models.precision import PRECISIONS
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -53,12 +54,24 @@ class EvalSpec:
     max_new_tokens: int = field(default=32, metadata={"help": "generate only: generation length limit"})
     num_beams: int = field(default=1, metadata={"help": "generate only: 1 = greedy"})
     dtype: str | None = field(
-        default=None, metadata={"help": "float32 (when not given), bfloat16 or float16"}
+        default=None, metadata={"help": "weights: float32 (when not given), bfloat16 or float16"}
+    )
+    precision: str = field(
+        default="auto",
+        metadata={
+            "help": "autocast: auto (bf16 on CUDA and on CPUs with native bf16, else fp32), fp32, bf16, fp16"
+        },
     )
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:0, ..."})
 
     def __post_init__(self) -> None:
         get_protocol(self.protocol, self.max_new_tokens, self.num_beams)
+        on_cuda = self.device.startswith("cuda")
+        if self.precision not in PRECISIONS or (self.precision == "fp16" and not on_cuda):
+            allowed = PRECISIONS if on_cuda else ("auto", "fp32", "bf16")
+            raise ConfigError(
+                f"--precision {self.precision} is not allowed on {self.device}; allowed: {', '.join(allowed)}"
+            )
         if (self.tasks is None) == (self.task is None):
             raise ConfigError("give either --tasks t1,t2 (bundled data) or --task T --data-file F")
         if self.task is not None and self.data_file is None:
@@ -149,6 +162,7 @@ def run_eval(
             max_new_tokens=spec.max_new_tokens,
             num_beams=spec.num_beams,
             progress=progress,
+            precision=spec.precision,
         )
         metrics["data_file"] = source
         per_task[task.name] = metrics
@@ -164,6 +178,7 @@ def run_eval(
         "limit": spec.limit,
         "batch_size": spec.batch_size,
         "dtype": spec.dtype or "float32",
+        "precision": spec.precision,  # as asked; each task's metrics record the autocast used
         "device": spec.device,
         "tasks": per_task,
         "load_seconds": round(load_seconds, 3),

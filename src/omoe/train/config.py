@@ -60,6 +60,13 @@ class DataConfig:
     train_on_inputs: bool = field(
         default=False, metadata={"help": "also train on the prompt tokens (default: response only)"}
     )
+    group_by_length: bool = field(
+        default=True,
+        metadata={
+            "help": "build each global batch from examples of similar length (sorted within groups of 50 "
+            "batches, then the batches shuffled), so little compute goes to padding; false = plain shuffle"
+        },
+    )
 
     def __post_init__(self) -> None:
         if self.data_file is not None:
@@ -227,8 +234,8 @@ class TrainConfig:
     precision: str = field(
         default="auto",
         metadata={
-            "help": f"autocast dtype, one of {PRECISIONS}: auto = bf16 on CUDA when supported (else fp16), "
-            "fp32 on CPU; weights and optimizer stay fp32"
+            "help": f"autocast dtype, one of {PRECISIONS}: auto = bf16 on CUDA when supported (else fp16) "
+            "and on CPUs with native bf16 (avx512_bf16/amx_bf16), else fp32; weights and optimizer stay fp32"
         },
     )
     device: str = field(

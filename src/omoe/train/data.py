@@ -2,7 +2,12 @@
 
 The order is a pure function of ``(seed, epoch)``: epoch ``e`` visits ``randperm(N)`` drawn from a
 generator seeded with ``seed + e``, in global batches of ``global_batch_size`` (the last one of an
-epoch may be smaller). A global batch is cut into micro-batches in order and process ``r`` of ``W``
+epoch may be smaller). With ``group_by_length`` (the default) that permutation is cut into
+mega-batches of :data:`MEGA_BATCH` global batches, each mega-batch is sorted by length and cut into
+global batches, and the order of the full global batches is shuffled with the same generator (a
+smaller last one stays last): every global batch then holds examples of similar length, so the
+padding of its micro-batches stays small, and which examples share a step still does not depend on
+the micro-batch size. A global batch is cut into micro-batches in order and process ``r`` of ``W``
 takes micro-batches ``r, r + W, ...``. So the examples, their padding and their micro-batch
 neighbours do not depend on the number of processes, and a resumed run needs only the step number.
 """
@@ -18,6 +23,8 @@ from omoe.data.loader import load_task, mix_tasks
 from omoe.data.tokenize import IGNORE_INDEX, collate, tokenize_dataset
 from omoe.errors import ConfigError
 from omoe.train.config import DataConfig
+
+MEGA_BATCH = 50  # global batches per length-sorted group (Hugging Face's group_by_length uses 50 too)
 
 
 def load_training_records(data: DataConfig, seed: int) -> list[dict]:
@@ -39,6 +46,7 @@ class TrainData:
     global_batch_size: int
     micro_batch_size: int
     seed: int
+    group_by_length: bool = True
 
     def __post_init__(self) -> None:
         if not self.examples:
@@ -54,11 +62,24 @@ class TrainData:
         return math.ceil(len(self.examples) / self.global_batch_size)
 
     def permutation(self, epoch: int) -> list[int]:
+        """Every example index once: the order of epoch ``epoch``."""
         if self._perm_epoch != epoch:
             g = torch.Generator().manual_seed(self.seed + epoch)
-            self._perm = torch.randperm(len(self.examples), generator=g).tolist()
+            perm = torch.randperm(len(self.examples), generator=g).tolist()
+            self._perm = self._grouped(perm, g) if self.group_by_length else perm
             self._perm_epoch = epoch
         return self._perm
+
+    def _grouped(self, perm: list[int], g: torch.Generator) -> list[int]:
+        size, mega = self.global_batch_size, MEGA_BATCH * self.global_batch_size
+        batches = []
+        for start in range(0, len(perm), mega):
+            # a stable sort: examples of equal length keep their random order
+            group = sorted(perm[start : start + mega], key=self.lengths.__getitem__)
+            batches += [group[i : i + size] for i in range(0, len(group), size)]
+        full = [b for b in batches if len(b) == size]
+        rest = [i for b in batches if len(b) < size for i in b]  # at most one short batch, the epoch's last
+        return [i for k in torch.randperm(len(full), generator=g).tolist() for i in full[k]] + rest
 
     def position(self, step: int) -> tuple[int, int]:
         """``(epoch, index into that epoch's permutation)`` where optimizer step ``step`` starts."""
@@ -92,4 +113,7 @@ class TrainData:
 def build_train_data(tokenizer, records: list[dict], data: DataConfig, global_batch_size: int,
                      micro_batch_size: int, seed: int) -> TrainData:  # fmt: skip
     tokenized = tokenize_dataset(tokenizer, records, data.cutoff_len, data.train_on_inputs)
-    return TrainData(tokenized.examples, tokenized.num_truncated, global_batch_size, micro_batch_size, seed)
+    return TrainData(
+        tokenized.examples, tokenized.num_truncated, global_batch_size, micro_batch_size, seed,
+        data.group_by_length,
+    )  # fmt: skip

@@ -7,6 +7,10 @@ the gradient does not depend on how the batch is split into micro-batches or pro
 ``router_aux_loss_coef`` > 0 the mean over micro-batches of the router's load-balancing loss, times
 the coefficient, is added (the ``aux_loss`` column logs that mean whatever the coefficient).
 
+Logits are computed only at the supervised positions (:func:`token_loss_sum`), never as the full
+``(B, T, vocab)`` tensor: for a short response after a long prompt that is most of the LM head's
+cost saved, in forward and backward.
+
 Dropout masks are drawn after seeding torch with ``(seed, step, micro-batch number)``, so they do
 not depend on the number of processes or on where a run was resumed.
 """
@@ -27,6 +31,8 @@ from tqdm.auto import tqdm
 
 from omoe.data.tokenize import IGNORE_INDEX
 from omoe.errors import ConfigError, OMoEError
+from omoe.models.logits import selected_logits
+from omoe.models.precision import autocast_dtype, precision_name
 from omoe.train import checkpoint as ckpt
 from omoe.train import distributed, fsdp
 from omoe.train.config import ORTHOGONAL_FSDP, TrainConfig
@@ -80,15 +86,20 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str) -> float:
     return 1.0 - progress
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``precision`` on ``device``; None = plain fp32."""
-    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
-        return None
-    if device.type != "cuda" and precision == "fp16":
-        raise ConfigError("precision fp16 needs CUDA; on CPU use fp32 (default) or bf16")
-    if precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if precision == "bf16" else torch.float16
+def token_loss_sum(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor):
+    """Summed next-token cross-entropy (float32 scalar) over the positions whose label is not -100.
+
+    Args:
+        input_ids, attention_mask, labels: ``(B, T)``; ``labels[b, t]`` is the target of position
+            ``t - 1`` (Hugging Face's convention), -100 where nothing is learned.
+
+    The LM head runs on those positions only: the result equals the cross-entropy of the full
+    ``(B, T, vocab)`` logits up to float rounding (see the tests).
+    """
+    targets = F.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]  # (B, T): logits at t predict token t+1
+    keep = targets != IGNORE_INDEX  # (B, T)
+    logits = selected_logits(model, input_ids, attention_mask, keep)  # (M, V), M = keep.sum()
+    return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
 
 
 def train(
@@ -180,7 +191,7 @@ def _train(config: TrainConfig, info: distributed.DistInfo, model, tokenizer, re
     trainable = sum(p.numel() for p in params)
     say(
         f"method {config.adapter.method}: {trainable:,d} trainable parameters; device {device}, "
-        f"autocast {amp_dtype or 'off (fp32)'}"
+        f"precision {precision_name(amp_dtype)} ({config.precision})"
     )
 
     o = config.optim
@@ -312,6 +323,7 @@ def _train(config: TrainConfig, info: distributed.DistInfo, model, tokenizer, re
             "num_truncated": data.num_truncated,
             "cutoff_len": config.data.cutoff_len,
             "world_size": info.world_size,
+            "precision": precision_name(amp_dtype),
             "trainable_parameters": trainable,
             "final_loss": history[-1]["loss"] if history else None,
             "elapsed_s": round(elapsed0 + time.perf_counter() - clock, 3),
@@ -342,12 +354,7 @@ def _accumulate(model, data: TrainData, step, info, pad_id, autocast, coef, scal
         torch.manual_seed(_micro_seed(seed, step, m))
         batch = {k: v.to(device) for k, v in data.collate(indices, pad_id).items()}
         with autocast():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        # (B, T, V) logits at t predict the token at t+1
-        targets = F.pad(batch["labels"], (0, 1), value=IGNORE_INDEX)[:, 1:]  # (B, T)
-        lm = F.cross_entropy(
-            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
-        )
+            lm = token_loss_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
         loss = lm / n_tokens
         if is_moe:
             aux = model.aux_loss()

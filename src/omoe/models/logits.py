@@ -1,0 +1,64 @@
+"""Logits at chosen positions only: the LM head applied to just the hidden states a loss or score reads.
+
+A causal LM's head turns each position's hidden state into ``vocab`` logits. A fine-tuning loss reads
+only the response tokens, the ``label`` protocol only the last prompt position, yet a plain forward
+returns all ``(B, T, vocab)`` logits: on SmolLM2 (vocab 49,152, hidden 576) the head is a fifth of
+the forward's multiply-adds, and its fp32 output and backward are among a step's largest tensors.
+
+:func:`selected_logits` runs the model's own forward unchanged and gathers the hidden states
+``(B, T, H) -> (M, H)`` in a forward pre-hook on ``get_output_embeddings()``, so it works for any
+Hugging Face causal LM that applies its head once to ``(B, T, H)``, through wrappers that call it
+(``OMoEModel``, PEFT) and under FSDP (the hook changes an input, not a parameter). Transformers'
+``logits_to_keep`` does the same only in recent 5.x releases (per-row positions as a 2-D mask). A
+model without ``get_output_embeddings`` (e.g. a test stub) gets the full forward, then the gather.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from omoe.errors import OMoEError
+
+
+@contextlib.contextmanager
+def logits_only_at(model, keep: torch.Tensor):
+    """Within the block, ``model``'s LM head sees only the positions where ``keep`` (``(B, T)`` bool)
+    is True: the forward's ``logits`` are ``(M, vocab)``, in row-major order of ``keep``."""
+    head = model.get_output_embeddings()
+    if not isinstance(head, torch.nn.Module):
+        raise OMoEError(f"{type(model).__name__} has no output embeddings (LM head) to compute logits with")
+
+    def gather(module, args):
+        hidden = args[0]  # (B, T, H)
+        if hidden.shape[:2] != keep.shape:
+            raise OMoEError(
+                f"the LM head received hidden states of shape {tuple(hidden.shape)}, expected (B, T) = "
+                f"{tuple(keep.shape)} before the hidden size; cannot select positions for this model"
+            )
+        return (hidden[keep], *args[1:])  # (M, H)
+
+    handle = head.register_forward_pre_hook(gather)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def selected_logits(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, keep: torch.Tensor
+) -> torch.Tensor:
+    """Logits at the True positions of ``keep``.
+
+    Args:
+        input_ids, attention_mask: ``(B, T)`` model inputs.
+        keep: ``(B, T)`` bool, on the model's device: the positions whose logits are wanted.
+
+    Returns:
+        ``(M, vocab)`` with ``M = keep.sum()``, rows in the order of ``keep.nonzero()``.
+    """
+    if getattr(model, "get_output_embeddings", None) is None:
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[keep]  # (M, V)
+    with logits_only_at(model, keep):
+        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
