@@ -52,6 +52,35 @@ def label_tokens(
     return seqs[0][:k], label_ids
 
 
+def next_token_scores(
+    model,
+    inputs: list[list[int]],
+    token_ids: list[int],
+    pad_id: int,
+    batch_size: int,
+    desc: str = "",
+    progress: bool = False,
+) -> torch.Tensor:
+    """Logits of ``token_ids`` as the next token after each input sequence.
+
+    Returns:
+        float32 tensor of shape ``(N, len(token_ids))``. The LM head runs on each row's last position
+        only; batches are length-sorted and right-padded, so real tokens never attend to pads and
+        keep their positions.
+    """
+    device = model_device(model)
+    scores = torch.empty(len(inputs), len(token_ids))  # (N, labels)
+    index = torch.tensor(token_ids, device=device)
+    for batch in progress_bar(length_sorted_batches([len(s) for s in inputs], batch_size), desc, progress):
+        input_ids, attention_mask = pad([inputs[i] for i in batch], pad_id, side="right")
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        last = attention_mask.sum(1) - 1  # (B,) position of each row's last real token
+        keep = torch.nn.functional.one_hot(last, input_ids.shape[1]).bool()  # (B, T)
+        next_logits = selected_logits(model, input_ids, attention_mask, keep)  # (B, V)
+        scores[batch] = next_logits[:, index].float().cpu()  # (B, labels)
+    return scores
+
+
 @dataclass
 class LabelProtocol:
     """Argmax over the labels' next-token logits after the common response prefix."""
@@ -67,19 +96,9 @@ class LabelProtocol:
         prefix, label_ids = label_tokens(tokenizer, task.labels)
         prompts = tokenizer([build_prompt(r, with_output=False) for r in records])["input_ids"]
         inputs = [[*p, *prefix] for p in prompts]
-        device = model_device(model)
-        scores = torch.empty(len(records), len(label_ids))  # (N, labels)
-        label_index = torch.tensor(label_ids, device=device)
-        for batch in progress_bar(
-            length_sorted_batches([len(s) for s in inputs], batch_size), f"{task.name} [label]", progress
-        ):
-            # Right padding: real tokens never attend to pads and keep their positions.
-            input_ids, attention_mask = pad([inputs[i] for i in batch], tokenizer.pad_token_id, side="right")
-            input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-            last = attention_mask.sum(1) - 1  # (B,) position of each row's last real token
-            keep = torch.nn.functional.one_hot(last, input_ids.shape[1]).bool()  # (B, T)
-            next_logits = selected_logits(model, input_ids, attention_mask, keep)  # (B, V): last ones only
-            scores[batch] = next_logits[:, label_index].float().cpu()  # (B, labels)
+        scores = next_token_scores(
+            model, inputs, label_ids, tokenizer.pad_token_id, batch_size, f"{task.name} [label]", progress
+        )  # (N, labels)
 
         predictions = []
         for i, record in enumerate(records):
