@@ -38,6 +38,7 @@ import torch
 from omoe.data.loader import load_task
 from omoe.errors import ConfigError
 from omoe.experiment.spec import Cell, ExperimentSpec, fingerprint
+from omoe.experiment.stats import records_path, records_payload, write_records
 from omoe.train import checkpoint as ckpt
 from omoe.train.config import TrainConfig, load_config
 from omoe.utils import atomic_write_text
@@ -223,6 +224,7 @@ def _run_locked(spec, cell: Cell, bases: BaseModels, records, progress: bool, ta
         if state.state == "stale":
             echo(f"{tag}: {state.detail}; running it again")
             spec.result_path(cell).unlink(missing_ok=True)
+            records_path(spec.result_path(cell)).unlink(missing_ok=True)
         if cell.work_dir.exists():
             shutil.rmtree(cell.work_dir)  # nothing resumable in it
     try:
@@ -319,12 +321,15 @@ def run_cell(
             "eval": round(eval_s, 3),
             "total": round(time.perf_counter() - start, 3),
         },
+        "records_file": records_path(spec.result_path(cell)).name,  # per-record results (paired tables)
         "work_dir": str(cell.work_dir),
         "finished_at": _now(),
     }
     atomic_write_text(
         cell.work_dir / PREDICTIONS, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
     )
+    payload = records_payload(cell.id, {t: records[t] for t in cell.eval_tasks}, predictions)
+    write_records(records_path(spec.result_path(cell)), payload)  # first: the result marks the cell done
     atomic_write_text(spec.result_path(cell), json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     return result
 
