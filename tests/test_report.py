@@ -4,14 +4,19 @@ standard deviations; Fig. 4 writes a PNG; bad input is a one-line error that wri
 from __future__ import annotations
 
 import csv
+import itertools
 import json
+import math
 import statistics
 
+import numpy as np
 import pytest
 import torch
 
 from omoe.bench import cpu_peak_bytes
 from omoe.cli.main import main
+from omoe.errors import ConfigError
+from omoe.experiment import stats
 from omoe.experiment.report import available_tables, build_tables, format_mean_std, load_results, mean_std
 from omoe.experiment.runner import RESULT_KIND
 from omoe.train.config import TrainConfig
@@ -341,3 +346,226 @@ def test_bench_table3_measures_a_real_models_weights_with_model(tiny_model_dir, 
     assert main(["bench", "--model", str(tiny_model_dir)]) == 2
     err = capsys.readouterr().err.strip()
     assert "--model applies to --table3 only" in err and len(err.splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------- paired statistics
+LOG3 = math.log(3)
+
+
+def label_predictions(task, correct, labels=("true", "false")):
+    """``label``-protocol predictions: gold logit log 3 and 0 elsewhere when correct, the reverse when
+    not, so log p(gold) is log(3/4) or log(1/4) (two labels)."""
+    out = []
+    for i, ok in enumerate(correct):
+        gold, other = labels[i % 2], labels[(i + 1) % 2]
+        scores = {gold: LOG3, other: 0.0} if ok else {gold: 0.0, other: LOG3}
+        out.append({"task": task, "protocol": "label", "index": i, "answer": gold, "correct": bool(ok),
+                    "prediction": gold if ok else other, "no_match": False, "scores": scores})  # fmt: skip
+    return out
+
+
+def with_records(c, folder, correct_by_task, test_records=None):
+    """Write ``c``'s records file into ``folder`` as the runner does, from per-task correctness."""
+    preds = [p for task, correct in correct_by_task.items() for p in label_predictions(task, correct)]
+    test_records = {t: [{"id": i} for i in range(len(v))] for t, v in correct_by_task.items()} | (
+        test_records or {}
+    )
+    folder.mkdir(exist_ok=True)
+    path = stats.records_path(folder / f"{c['cell']}.json")
+    stats.write_records(path, stats.records_payload(c["cell"], test_records, preds))
+    return {**c, "records_file": path.name}
+
+
+def paired_results(tmp_path, lora_seeds=(0, 1)):
+    """omoe (seeds 0-2) against lora (``lora_seeds``) and dora (no per-record results) on boolq (4
+    records: omoe better) and ARC-Easy (3 records: the same answers)."""
+    folder = tmp_path / "results"
+    omoe = {0: [1, 1, 1, 1], 1: [1, 1, 1, 0], 2: [1, 1, 1, 1]}
+    cells = []
+    for s in (0, 1, 2):
+        c = cell("omoe", "multi", {"boolq": 0.5, "ARC-Easy": 0.5}, seed=s, method_index=2, protocol="label",
+                 adapter={"method": "omoe"})  # fmt: skip
+        cells.append(with_records(c, folder, {"boolq": omoe[s], "ARC-Easy": [1, 0, 1]}))
+    for s in lora_seeds:
+        c = cell(
+            "lora",
+            "multi",
+            {"boolq": 0.5, "ARC-Easy": 0.5},
+            seed=s,
+            protocol="label",
+            adapter={"method": "lora"},
+        )
+        cells.append(with_records(c, folder, {"boolq": [0, 0, 0, 0], "ARC-Easy": [1, 0, 1]}))
+    cells.append(cell("dora", "multi", {"boolq": 0.5, "ARC-Easy": 0.5}, method_index=1, protocol="label",
+                      adapter={"method": "dora"}))  # fmt: skip
+    for c in cells:
+        (folder / f"{c['cell']}.json").write_text(json.dumps(c))
+    return folder
+
+
+def test_gold_logprob_is_the_log_softmax_over_the_labels_at_the_gold_label():
+    assert stats.gold_logprob({"true": LOG3, "false": 0.0}, "true") == pytest.approx(
+        math.log(0.75), abs=1e-15
+    )
+    assert stats.gold_logprob({"a": 0.0, "b": 0.0, "c": 0.0, "d": 0.0}, "c") == pytest.approx(-math.log(4))
+    # logits far from 0 lose no precision: computed from the differences to the largest
+    assert stats.gold_logprob({"x": 1e4 + LOG3, "y": 1e4}, "y") == pytest.approx(math.log(0.25), rel=1e-12)
+    with pytest.raises(ConfigError, match="NaN"):
+        stats.gold_logprob({"x": float("nan"), "y": 0.0}, "y")
+    with pytest.raises(ConfigError, match="not one of the scored labels"):
+        stats.gold_logprob({"x": 0.0, "y": 0.0}, "z")
+
+
+def test_bootstrap_of_constant_differences_is_a_zero_width_interval():
+    (est,) = stats.paired_estimates([np.full(50, 0.25)])
+    assert (est.mean, est.low, est.high) == (0.25, 0.25, 0.25)
+
+
+def test_bootstrap_resamples_follow_the_exact_enumeration_of_a_small_sample():
+    values = np.array([0.0, 1.0, 1.0, 3.0])
+    exact = [statistics.fmean(draw) for draw in itertools.product(values, repeat=4)]  # 256, equally likely
+    drawn = stats.bootstrap_means(values, 10_000, seed=0)
+    for x in sorted(set(exact)):
+        assert np.mean(drawn <= x) == pytest.approx(np.mean(np.array(exact) <= x), abs=0.02), x
+    assert np.array_equal(drawn, stats.bootstrap_means(values, 10_000, seed=0))  # seeded: reproducible
+
+
+def test_bootstrap_interval_of_a_large_sample_is_the_normal_one():
+    x = np.random.default_rng(5).normal(1.0, 2.0, size=2000)
+    (est,) = stats.paired_estimates([x])
+    half = 1.959964 * x.std() / math.sqrt(len(x))  # the bootstrap's standard error uses the n-divisor std
+    assert est.mean == pytest.approx(x.mean())
+    assert est.low == pytest.approx(x.mean() - half, abs=0.05 * half)
+    assert est.high == pytest.approx(x.mean() + half, abs=0.05 * half)
+
+
+def test_paired_interval_excludes_zero_for_a_better_method_and_includes_it_for_an_equal_one():
+    rng = np.random.default_rng(7)
+    better, worse = rng.random(400) < 0.8, rng.random(400) < 0.5
+    assert stats.paired_estimates([better.astype(float) - worse])[0].excludes_zero()
+    same_a, same_b = rng.random(400) < 0.6, rng.random(400) < 0.6  # equally good, independent errors
+    assert not stats.paired_estimates([same_a.astype(float) - same_b])[0].excludes_zero()
+    assert stats.paired_estimates([np.zeros(400)])[0] == stats.Estimate(0.0, 0.0, 0.0)
+
+
+def test_records_file_is_deterministic_and_keeps_correctness_and_gold_logprob(tmp_path):
+    preds = label_predictions("boolq", [1, 0, 1])
+    payload = stats.records_payload("c", {"boolq": [{"q": i} for i in range(3)]}, preds)
+    a, b = tmp_path / "a.records.json.gz", tmp_path / "b.records.json.gz"
+    stats.write_records(a, payload)
+    stats.write_records(b, payload)
+    assert a.read_bytes() == b.read_bytes()  # no timestamp in the gzip header: committed files stay stable
+    (r,) = stats.read_records(a).values()
+    assert r.index == (0, 1, 2) and r.answer == ("true", "false", "true")
+    assert r.correct.tolist() == [1.0, 0.0, 1.0]
+    assert r.gold_logprob == pytest.approx([math.log(0.75), math.log(0.25), math.log(0.75)], abs=1e-6)
+    assert r.same_records(stats.records_from_predictions(preds)[("boolq", "label")])
+    other = stats.records_payload("c", {"boolq": [{"q": i + 1} for i in range(3)]}, preds)
+    assert not r.same_records(stats.parse_records(other)[("boolq", "label")])  # other records, same indices
+    (tmp_path / "bad.records.json.gz").write_bytes(b"not gzip")
+    with pytest.raises(ConfigError, match="not a readable records file"):
+        stats.read_records(tmp_path / "bad.records.json.gz")
+
+
+def test_paired_table_pools_the_common_seeds_per_record_with_hand_computed_intervals(tmp_path, capsys):
+    folder = paired_results(tmp_path)
+    assert main(["report", "--results", str(folder), "--output", str(tmp_path / "out")]) == 0
+    out = tmp_path / "out"
+    assert {"paired.md", "paired.csv", "logprob.md", "logprob.csv"} <= {p.name for p in out.iterdir()}
+    md = (out / "paired.md").read_text()
+    assert "omoe minus each method, same test records" in md and "boolq 4, ARC-Easy 3" in md
+    lines = [line for line in md.splitlines() if line.startswith("| lora |")]
+    acc, lp = ([c.strip() for c in line.strip("|").split("|")] for line in lines)
+    # seeds 0, 1 only; per boolq record omoe - lora = (1 + 1)/2 three times, (1 + 0)/2 once: mean 0.875.
+    # A resample of the 4 records averages 1 - k/8 (k ~ Bin(4, 1/4) draws of the 0.5 record):
+    # P(k >= 3) = 5.1% > 2.5% > P(k = 4) = 0.4%, so low = 1 - 3/8; P(k = 0) = 32% > 2.5%, so high = 1.
+    assert acc[:4] == [
+        "lora",
+        "0, 1 (common; omoe has 3, lora 2)",
+        "Δ accuracy (points)",
+        "+87.5 [+62.5, +100.0]",
+    ]
+    assert acc[4] == "+0.0 [+0.0, +0.0]"  # ARC-Easy: the same answers
+    assert acc[5] == "+43.8 [+31.2, +50.0]"  # Avg: ARC-Easy's differences are constant 0: half of boolq's
+    # log p(gold): log 3/4 - log 1/4 = log 3 per record and seed where omoe is right, 0 where both are wrong
+    assert lp[2:4] == [
+        "Δ log p(gold) (nats)",
+        f"{0.875 * LOG3:+.3f} [{(1 - 3 / 8) * LOG3:+.3f}, {LOG3:+.3f}]",
+    ]
+    assert row(md, "dora")[3:] == ["n/a", "n/a", "n/a"]
+    rows = read_csv(out / "paired.csv")
+    boolq = next(
+        r for r in rows if r["row"] == "lora" and r["task"] == "boolq" and r["quantity"] == "accuracy_points"
+    )
+    assert (boolq["seeds"], boolq["records"], float(boolq["diff"])) == ("0 1", "4", 87.5)
+
+    lp_md = (out / "logprob.md").read_text()
+    per_seed = [math.log(0.75), (3 * math.log(0.75) + math.log(0.25)) / 4, math.log(0.75)]
+    mean, std = statistics.fmean(per_seed), statistics.stdev(per_seed)
+    assert row(lp_md, "omoe")[2] == f"{mean:.3f} ± {std:.3f}"
+    assert row(lp_md, "lora")[2] == f"{math.log(0.25):.3f} ± 0.000 (2 seeds)"
+    assert row(lp_md, "dora")[2:] == ["n/a", "n/a", "n/a"]
+    assert row(lp_md, "uniform")[2:] == [
+        f"{-math.log(2):.3f}",
+        f"{-math.log(5):.3f}",
+        f"{-(math.log(2) + math.log(5)) / 2:.3f}",
+    ]
+    printed = capsys.readouterr().out
+    assert md.strip() in printed
+    assert main(["report", "--results", str(folder), "--output", str(tmp_path / "again")]) == 0
+    assert (tmp_path / "again" / "paired.md").read_text() == md  # seeded: the same output every run
+
+
+def test_paired_table_takes_a_reference_by_method_name_and_reads_old_predictions_files(tmp_path):
+    folder = paired_results(tmp_path)
+    for path in folder.glob(
+        "lora__*.json"
+    ):  # an older lora result: no records file, predictions in its work dir
+        c = json.loads(path.read_text())
+        (folder / c.pop("records_file")).unlink()
+        work = tmp_path / f"run-{c['cell']}"
+        work.mkdir()
+        preds = label_predictions("boolq", [0, 0, 0, 0]) + label_predictions("ARC-Easy", [1, 0, 1])
+        (work / "eval_predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
+        path.write_text(json.dumps({**c, "work_dir": str(work)}))
+    (table,) = build_tables(load_results(folder), ["paired"], reference="lora")
+    assert "lora minus each method" in table.markdown
+    assert row(table.markdown, "omoe")[3] == "-87.5 [-100.0, -62.5]"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"boolq": [0, 0, 0]}, "do not cover the same boolq test records (4 vs 3 records)"),
+        (
+            {"test_records": {"boolq": [{"id": 9 - i} for i in range(4)]}},
+            "as many records, but not the same ones",
+        ),
+    ],
+)
+def test_paired_refuses_cells_that_scored_other_test_records(tmp_path, capsys, change, message):
+    folder = paired_results(tmp_path)
+    c = json.loads((folder / "lora__multi__seed1.json").read_text())
+    test_records = change.pop("test_records", None)
+    with_records(c, folder, {"boolq": [0, 0, 0, 0], "ARC-Easy": [1, 0, 1], **change}, test_records)
+    assert (
+        main(["report", "--results", str(folder), "--table", "paired", "--output", str(tmp_path / "out")])
+        == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_paired_reference_errors_and_results_without_records(tmp_path, capsys):
+    folder = paired_results(tmp_path)
+    assert main(["report", "--results", str(folder), "--table", "paired", "--reference", "nope"]) == 2
+    assert (
+        "--reference nope is not a method or row of these results; rows: lora; dora; omoe"
+        in capsys.readouterr().err
+    )
+    bare = write(tmp_path, [cell("omoe", "multi", {"boolq": 0.5}, adapter={"method": "omoe"}),
+                            cell("lora", "multi", {"boolq": 0.5}, method_index=1)], name="bare")  # fmt: skip
+    assert "paired" not in available_tables(load_results(bare))
+    assert main(["report", "--results", str(bare), "--table", "paired"]) == 2
+    assert "table paired cannot be built" in capsys.readouterr().err

@@ -9,8 +9,12 @@ Examples::
 Tables: 1 (single-task), 2 (single vs multi-task), 3 (efficiency), 4 (layer-wise, the paper's
 Tables 4-5), 10 (rank), fig4 (accuracy against the number of experts, one line per routing),
 answers (share of the most frequent prediction per task: is a model answering the same thing to all?),
-runs (wall time and hardware of every cell).
+runs (wall time and hardware of every cell), paired (a reference method minus each other method on the
+same test records, pooled over seeds, with 95% bootstrap intervals: accuracy and the gold label's
+log-probability), logprob (mean gold-label log-probability, label protocol).
 Accuracies are mean ± sample std over seeds, in percent; every table names its protocol.
+
+    omoe report --results results/smollm2-table2_multi_task --table paired --reference lora_r16
 """
 
 from __future__ import annotations
@@ -32,11 +36,14 @@ def register(subparsers) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--table", action="append", metavar="T",
-        help="1, 2, 3, 4, 10, fig4, answers or runs (repeatable or comma-separated; default: every table the results fill)",
+        help="1, 2, 3, 4, 10, fig4, answers, runs, paired or logprob (repeatable or comma-separated; default: every "
+        "table the results fill)",
     )  # fmt: skip
     parser.add_argument("--output", metavar="DIR", help="where the files go (default: the results directory)")
     parser.add_argument("--x", dest="x_key", metavar="KEY", help="fig4's x axis (default: adapter.num_experts "
                         "or adapter.top_k, whichever is swept)")  # fmt: skip
+    parser.add_argument("--reference", metavar="NAME", help="the paired table's reference: a method name or a row "
+                        "label (default: the first method whose adapter is OMoE)")  # fmt: skip
     parser.error = lambda message: parser.exit(2, f"omoe report: error: {message}\n")
     parser.set_defaults(func=run)
 
@@ -48,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
     results = load_results(args.results)
     which = [t.strip() for spec in args.table or [] for t in spec.split(",") if t.strip()]
-    tables = build_tables(results, which or None, args.x_key)
+    tables = build_tables(results, which or None, args.x_key, args.reference)
     source = Path(args.results)
     output = Path(args.output) if args.output else (source if source.is_dir() else source.parent)
     written = write_tables(tables, output)

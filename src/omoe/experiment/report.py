@@ -13,7 +13,15 @@ Tables (the OMoE paper's numbering):
   the share of the most frequent gold answer: 100% means a constant answer, whose accuracy is only the
   label balance (read from each cell's answer counts, or from its predictions file when older results
   lack them);
-- ``runs``: one row per cell with its wall times (load, train, eval) and hardware, and the totals.
+- ``runs``: one row per cell with its wall times (load, train, eval) and hardware, and the totals;
+- ``paired``: a reference method (default: the first OMoE row) minus each other method on the same
+  test records, per-record results pooled over the seeds both have, with a 95% paired bootstrap
+  interval over the records: accuracy, and the gold label's log-probability (``label`` protocol);
+- ``logprob``: the mean gold-label log-probability per row and task, mean ± std over seeds.
+
+``paired`` and ``logprob`` read each cell's records file (``<cell>.records.json.gz``, see
+:mod:`omoe.experiment.stats`), or its predictions file when older results lack one; cells with
+neither read ``n/a``.
 
 Every accuracy is the mean over seeds with the sample standard deviation (n - 1), in percent; one
 seed is written ``±0.0 (1 seed)``, and a row with fewer seeds than the table says how many it has.
@@ -26,15 +34,21 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import statistics
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from omoe.errors import ConfigError
+from omoe.experiment import stats
+from omoe.experiment.stats import Estimate, Records
 from omoe.utils import atomic_save_figure, atomic_write_text
 
-TABLES = ("1", "2", "3", "4", "10", "fig4", "answers", "runs")
+TABLES = ("1", "2", "3", "4", "10", "fig4", "answers", "runs", "paired", "logprob")
 BENCH_KIND = "omoe.bench.table3"
 _SWEEP_X = ("adapter.num_experts", "adapter.top_k")
 
@@ -45,6 +59,7 @@ class Results:
     cells: list[dict]
     benches: list[dict]
     source: Path
+    per_record: dict[str, dict] = field(default_factory=dict, repr=False)  # cell id -> cell_records()
 
 
 def load_results(path: str | Path) -> Results:
@@ -74,8 +89,9 @@ def load_results(path: str | Path) -> Results:
     return Results(cells, benches, path)
 
 
-def available_tables(results: Results, x_key: str | None = None) -> list[str]:
-    """The tables that ``results`` can fill, in the paper's order (``x_key``: Fig. 4's x axis)."""
+def available_tables(results: Results, x_key: str | None = None, reference: str | None = None) -> list[str]:
+    """The tables that ``results`` can fill, in the paper's order (``x_key``: Fig. 4's x axis;
+    ``reference``: the paired table's reference row or method)."""
     settings = {c["setting"] for c in results.cells}
     out = []
     if "single" in settings:
@@ -94,6 +110,10 @@ def available_tables(results: Results, x_key: str | None = None) -> list[str]:
         out.append("answers")
     if results.cells:
         out.append("runs")
+    if _paired_possible(results, reference):
+        out.append("paired")
+    if any(r.gold_logprob is not None for c in results.cells for r in cell_records(results, c).values()):
+        out.append("logprob")
     return out
 
 
@@ -195,8 +215,10 @@ class Table:
     figure: object = None  # a matplotlib Figure (fig4)
 
 
-def build_tables(results: Results, which: list[str] | None = None, x_key: str | None = None) -> list[Table]:
-    """The requested tables (default: every available one)."""
+def build_tables(
+    results: Results, which: list[str] | None = None, x_key: str | None = None, reference: str | None = None
+) -> list[Table]:
+    """The requested tables (default: every available one); ``reference``: see :func:`paired`."""
     if x_key is not None:
         from omoe.train import options
         from omoe.train.config import TrainConfig
@@ -205,7 +227,7 @@ def build_tables(results: Results, which: list[str] | None = None, x_key: str | 
             raise ConfigError(
                 f"unknown --x key {x_key}; valid keys: {', '.join(options.valid_keys(TrainConfig))}"
             )
-    available = available_tables(results, x_key)
+    available = available_tables(results, x_key, reference)
     which = which or available
     if not which:
         raise ConfigError(f"no table can be built from {results.source}")
@@ -218,6 +240,8 @@ def build_tables(results: Results, which: list[str] | None = None, x_key: str | 
         "fig4": fig4,
         "answers": answers,
         "runs": runs,
+        "paired": lambda r: paired(r, reference),
+        "logprob": logprob,
     }
     out = []
     for name in which:
@@ -242,6 +266,9 @@ def _needs(name: str) -> str:
         "fig4": "it needs results that sweep its x key (default adapter.num_experts or adapter.top_k)",
         "runs": "it needs results of omoe experiment",
         "answers": "it needs answer counts in the results, or the cells' eval_predictions.jsonl in their work_dir",
+        "paired": "it needs per-record results (records files, results since they were kept) of the reference "
+        "(--reference, default: the first OMoE method) and of another method in the same setting",
+        "logprob": "it needs per-record results of the label protocol (records files)",
     }[name]
 
 
@@ -614,6 +641,306 @@ def runs(results: Results) -> Table:
         f"{totals['total']:.0f} ({totals['total'] / 3600:.2f} h) | | |"
     )
     return Table("runs", "\n".join(lines), csv_rows)
+
+
+# ---------------------------------------------------------------------------- per-record statistics
+def cell_records(results: Results, cell: dict) -> dict[tuple[str, str], Records]:
+    """(task, protocol) -> per-record results of ``cell``: from its records file (beside its result
+    JSON), else from ``eval_predictions.jsonl`` in its work dir (older results); {} when neither is
+    there. Each cell's file is read once."""
+    if cell["cell"] not in results.per_record:
+        results.per_record[cell["cell"]] = _read_cell_records(results, cell)
+    return results.per_record[cell["cell"]]
+
+
+def _read_cell_records(results: Results, cell: dict) -> dict[tuple[str, str], Records]:
+    folder = results.source if results.source.is_dir() else results.source.parent
+    if cell.get("records_file") and (folder / cell["records_file"]).is_file():
+        return stats.read_records(folder / cell["records_file"])
+    path = Path(cell.get("work_dir") or "") / "eval_predictions.jsonl"
+    if not cell.get("work_dir") or not path.is_file():
+        return {}
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return stats.records_from_predictions([json.loads(line) for line in lines if line.strip()])
+
+
+def reference_row(cells: list[dict], reference: str | None = None) -> str | None:
+    """The paired table's reference row: ``reference`` as a row label or a method name, by default
+    the first row (in the experiment's order) whose adapter is OMoE; None if there is none."""
+    row_of = method_row(cells)
+    rows: dict[str, tuple] = {}  # label -> (order, method name, adapter method)
+    for c in cells:
+        order, label = row_of(c)
+        rows.setdefault(label, (order, c["method"], _adapter(c, "method")))
+    labels = sorted(rows, key=lambda label: rows[label][0])
+    if reference is None:
+        return next((label for label in labels if rows[label][2] == "omoe"), None)
+    if reference in rows:
+        return reference
+    matches = [label for label in labels if rows[label][1] == reference]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise ConfigError(
+            f"--reference {reference} names several rows ({'; '.join(matches)}); give one of them"
+        )
+    raise ConfigError(
+        f"--reference {reference} is not a method or row of these results; rows: {'; '.join(labels)}"
+    )
+
+
+def _paired_possible(results: Results, reference: str | None) -> bool:
+    ref = reference_row(results.cells, reference)
+    if ref is None:
+        return False
+    row_of = method_row(results.cells)
+    have = {(c["setting"], row_of(c)[1]) for c in results.cells if cell_records(results, c)}
+    return any((setting, ref) in have for setting, label in have if label != ref)
+
+
+def _per_record(
+    results: Results, setting: str, protocol: str, row_of
+) -> dict[str, dict[str, dict[int, Records]]]:
+    """Row label -> task -> seed -> Records of the cells of one setting and protocol."""
+    out: dict[str, dict[str, dict[int, Records]]] = {}
+    for c in results.cells:
+        if c["setting"] != setting:
+            continue
+        label = row_of(c)[1]
+        for (task, proto), r in cell_records(results, c).items():
+            if proto == protocol and task in c["eval_tasks"]:
+                out.setdefault(label, {}).setdefault(task, {})[c["seed"]] = r
+    return out
+
+
+def _check_same_records(results: Results) -> None:
+    """Every cell that has per-record results of a task has them for the same records."""
+    first: dict[str, tuple[str, Records]] = {}
+    for c in results.cells:
+        for (task, _), r in cell_records(results, c).items():
+            name, r0 = first.setdefault(task, (c["cell"], r))
+            if not r0.same_records(r):
+                n0, n1 = len(r0.index), len(r.index)
+                what = f"{n0} vs {n1} records" if n0 != n1 else "as many records, but not the same ones"
+                raise ConfigError(
+                    f"paired: cells {name} and {c['cell']} do not cover the same {task} test records ({what}); "
+                    "a paired comparison needs the same records in every cell (same eval split and limit)"
+                )
+
+
+_QUANTITIES = (  # (Records field, row text, scale, format)
+    ("correct", "Δ accuracy (points)", 100.0, "+.1f"),
+    ("gold_logprob", "Δ log p(gold) (nats)", 1.0, "+.3f"),
+)
+
+
+def paired(results: Results, reference: str | None = None) -> Table:
+    """The reference row minus each other row, per task and averaged over tasks, on the same test
+    records: per record, the reference's result minus the other's in the same seed, averaged over
+    the seeds both have; the mean over the records with a 95% percentile bootstrap interval
+    (:mod:`omoe.experiment.stats`; records resampled, within each task for the average)."""
+    cells = results.cells
+    ref = reference_row(cells, reference)
+    if ref is None:
+        raise ConfigError("paired: no OMoE method in these results; name the reference row with --reference")
+    _check_same_records(results)
+    row_of = method_row(cells)
+    parts, csv_rows = [], []
+    for protocol in _protocols(cells):
+        for setting in ("single", "multi"):
+            rows, tasks = group(cells, setting, protocol, row_of)
+            data = _per_record(results, setting, protocol, row_of)
+            others = [r.label for r in rows if r.label != ref]
+            if ref not in data or not any(label in data for label in others):
+                continue
+            md, rows_csv = _paired_section(cells, data, ref, others, tasks, setting, protocol)
+            parts.append(md)
+            csv_rows += rows_csv
+    return Table("paired", "\n\n".join(parts), csv_rows)
+
+
+def _paired_section(cells, data, ref, others, tasks, setting, protocol) -> tuple[str, list[dict]]:
+    quantities = [q for q in _QUANTITIES if q[0] == "correct" or _has_logprob(data)]
+    means: dict[tuple[str, str], dict[str, float]] = {}  # (row, quantity) -> task -> mean difference
+    boots: dict[tuple[str, str], dict[str, np.ndarray]] = {}  # ... -> task -> (resamples,) bootstrap means
+    common: dict[str, dict[str, list[int]]] = {}  # row -> task -> the seeds pooled
+    n_records: dict[str, int] = {}
+    for task in tasks:
+        ref_seeds = data[ref].get(task, {})
+        columns, keys = [], []
+        for other in others:
+            seeds = sorted(set(ref_seeds) & set(data.get(other, {}).get(task, {})))
+            if not seeds:
+                continue
+            common.setdefault(other, {})[task] = seeds
+            pairs = [(ref_seeds[s], data[other][task][s]) for s in seeds]
+            for field_name, *_ in quantities:
+                a = [getattr(x, field_name) for x, _ in pairs]
+                b = [getattr(y, field_name) for _, y in pairs]
+                if any(v is None for v in a + b):
+                    continue
+                columns.append(np.mean([x - y for x, y in zip(a, b)], axis=0))  # (n,): mean over seeds
+                keys.append((other, field_name))
+        if not columns:
+            continue
+        values = np.stack(columns, axis=1)  # (n records, columns)
+        n_records[task] = len(values)
+        # one generator per task (seeded by its name): the same resamples in every table and column
+        drawn = stats.bootstrap_means(values, stats.RESAMPLES, (stats.SEED, zlib.crc32(task.encode())))
+        for j, key in enumerate(keys):
+            means.setdefault(key, {})[task] = float(values[:, j].mean())
+            boots.setdefault(key, {})[task] = drawn[:, j]
+
+    experiments = ", ".join(dict.fromkeys(c["experiment"] for c in cells))
+    lines = [
+        f"### Paired differences, {setting}-task, protocol `{protocol}`: {ref} minus each method, same test records",
+        "",
+        f"Experiment {experiments}. Per test record, {ref}'s result minus the method's in the same seed, averaged over "
+        f"the seeds both have (`seeds`); each cell is the mean over the records and its 95% percentile bootstrap "
+        f"interval [low, high] ({stats.RESAMPLES:,d} resamples of the records with replacement, seeded: the same "
+        "output every run). Δ accuracy is in percentage points"
+        + (
+            "; Δ log p(gold) in nats, log p(gold) being log_softmax over the task's label logits at the gold label"
+            if len(quantities) > 1
+            else ""
+        )
+        + ". Avg: the mean over the tasks, records "
+        "resampled within each task. The interval covers the sampling of test records only, not the "
+        "training noise between seeds (see the mean ± std tables). n/a: no per-record results for those cells "
+        "(results written before they were kept). Test records per task: "
+        + ", ".join(f"{t} {n}" for t, n in n_records.items())
+        + ".",
+        "",
+        "| method | seeds | Δ | " + " | ".join(tasks) + " | Avg |",
+        "|---|---|---|" + "---:|" * (len(tasks) + 1),
+    ]
+    csv_rows = []
+    ref_seeds = set().union(*(data[ref].get(t, {}) for t in tasks))
+    for other in others:
+        pooled = sorted(set().union(*common.get(other, {}).values()))
+        seeds_text = ", ".join(map(str, pooled)) or "–"
+        other_seeds = set().union(*(data.get(other, {}).get(t, {}) for t in tasks))
+        if pooled and ref_seeds != other_seeds:
+            seeds_text += f" (common; {ref} has {len(ref_seeds)}, {other} {len(other_seeds)})"
+        for field_name, text, scale, spec in quantities:
+            key = (other, field_name)
+            by_task = means.get(key, {})
+            cols = []
+            for t in tasks:
+                if t not in by_task:
+                    cols.append("n/a")
+                    continue
+                est = stats.estimates(by_task[t], boots[key][t][:, None])[0]
+                note = (
+                    "" if common[other][t] == pooled else f" (seeds {', '.join(map(str, common[other][t]))})"
+                )
+                cols.append(_interval(est, scale, spec) + note)
+                csv_rows.append(_paired_csv(protocol, setting, ref, other, field_name, t, common[other][t],
+                                            n_records[t], est, scale))  # fmt: skip
+            if by_task and len(by_task) == len(tasks):
+                avg = statistics.fmean(by_task[t] for t in tasks)
+                est = stats.estimates(avg, np.mean([boots[key][t] for t in tasks], axis=0)[:, None])[0]
+                cols.append(_interval(est, scale, spec))
+                csv_rows.append(_paired_csv(protocol, setting, ref, other, field_name, "avg", pooled,
+                                            sum(n_records[t] for t in tasks), est, scale))  # fmt: skip
+            else:
+                cols.append("n/a" if not by_task else "–")
+            lines.append(f"| {other} | {seeds_text} | {text} | " + " | ".join(cols) + " |")
+    return "\n".join(lines), csv_rows
+
+
+def _has_logprob(data: dict) -> bool:
+    return any(
+        r.gold_logprob is not None
+        for by_task in data.values()
+        for by_seed in by_task.values()
+        for r in by_seed.values()
+    )
+
+
+def _interval(est: Estimate, scale: float, spec: str) -> str:
+    return f"{format(scale * est.mean, spec)} [{format(scale * est.low, spec)}, {format(scale * est.high, spec)}]"
+
+
+def _paired_csv(protocol, setting, ref, other, quantity, task, seeds, n, est: Estimate, scale) -> dict:
+    return {"protocol": protocol, "setting": setting, "reference": ref, "row": other,
+            "quantity": "accuracy_points" if quantity == "correct" else "gold_logprob_nats", "task": task,
+            "seeds": " ".join(map(str, seeds)), "records": n, "diff": round(scale * est.mean, 6),
+            "ci_low": round(scale * est.low, 6), "ci_high": round(scale * est.high, 6)}  # fmt: skip
+
+
+def logprob(results: Results) -> Table:
+    """Mean gold-label log-probability (nats) per row and task: per cell the mean over the test
+    records, then mean ± sample std over seeds; Avg per seed over the tasks, then over seeds."""
+    cells = results.cells
+    row_of = method_row(cells)
+    parts, csv_rows = [], []
+    for protocol in _protocols(cells):
+        for setting in ("single", "multi"):
+            rows, tasks = group(cells, setting, protocol, row_of)
+            data = _per_record(results, setting, protocol, row_of)
+            if not _has_logprob(data):
+                continue
+            per_seed = {  # row -> task -> seed -> mean log p(gold)
+                label: {t: {s: float(r.gold_logprob.mean()) for s, r in by_seed.items() if r.gold_logprob is not None}
+                        for t, by_seed in by_task.items()}
+                for label, by_task in data.items()
+            }  # fmt: skip
+            seeds = len({s for by_task in per_seed.values() for by_seed in by_task.values() for s in by_seed})
+            lines = [
+                f"### Gold-label log-probability (nats), {setting}-task, protocol `{protocol}`",
+                "",
+                _caption(cells, tasks, seeds, rows)
+                + " Per cell, the mean over the test records of log p(gold) = log_softmax over the task's label "
+                "logits at the gold label: 0 is certainty, and the `uniform` row is an equal split over the labels. "
+                "Higher is better; it moves with the model's confidence where accuracy does not. Avg per seed over "
+                "the tasks, then over the seeds that have every task. n/a: no per-record results for those cells.",
+                "",
+                "| method | #params | " + " | ".join(tasks) + " | Avg |",
+                "|---|---:|" + "---:|" * (len(tasks) + 1),
+            ]
+            for row in rows:
+                by_task = per_seed.get(row.label, {})
+                values = {t: list(by_task.get(t, {}).values()) for t in tasks}
+                common = set.intersection(*(set(by_task.get(t, {})) for t in tasks)) if tasks else set()
+                values["avg"] = [statistics.fmean(by_task[t][s] for t in tasks) for s in sorted(common)]
+                cols = [_format_logprob(values[t], seeds) for t in [*tasks, "avg"]]
+                lines.append(f"| {row.label} | {row.params_text()} | " + " | ".join(cols) + " |")
+                out = {"protocol": protocol, "setting": setting, "row": row.label}
+                for t, v in values.items():
+                    mean, std = mean_std(v) if v else (None, None)
+                    out.update({f"{t}_mean": _round(mean), f"{t}_std": _round(std), f"{t}_seeds": len(v)})
+                csv_rows.append(out)
+            uniform = [_uniform_logprob(t) for t in tasks]
+            lines.append(
+                "| uniform | | "
+                + " | ".join("–" if u is None else f"{u:.3f}" for u in uniform)
+                + (f" | {statistics.fmean(uniform):.3f} |" if None not in uniform else " | – |")
+            )
+            parts.append("\n".join(lines))
+    return Table("logprob", "\n\n".join(parts), csv_rows)
+
+
+def _format_logprob(values: list[float], expected_seeds: int) -> str:
+    if not values:
+        return "n/a"
+    mean, std = mean_std(values)
+    if len(values) == 1:
+        return f"{mean:.3f} ±0.000 (1 seed)"
+    return f"{mean:.3f} ± {std:.3f}" + (f" ({len(values)} seeds)" if len(values) != expected_seeds else "")
+
+
+def _uniform_logprob(task: str) -> float | None:
+    from omoe.data.tasks import get_task
+
+    try:
+        return -math.log(len(get_task(task).labels))
+    except (ConfigError, KeyError):
+        return None
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 6)
 
 
 # ---------------------------------------------------------------------------- writing
