@@ -698,6 +698,15 @@ def _paired_possible(results: Results, reference: str | None) -> bool:
     return any((setting, ref) in have for setting, label in have if label != ref)
 
 
+def _record_sections(results: Results):
+    """``(protocol, setting, rows, tasks, row -> task -> seed -> Records)`` per protocol and setting."""
+    row_of = method_row(results.cells)
+    for protocol in _protocols(results.cells):
+        for setting in ("single", "multi"):
+            rows, tasks = group(results.cells, setting, protocol, row_of)
+            yield protocol, setting, rows, tasks, _per_record(results, setting, protocol, row_of)
+
+
 def _per_record(
     results: Results, setting: str, protocol: str, row_of
 ) -> dict[str, dict[str, dict[int, Records]]]:
@@ -744,18 +753,14 @@ def paired(results: Results, reference: str | None = None) -> Table:
     if ref is None:
         raise ConfigError("paired: no OMoE method in these results; name the reference row with --reference")
     _check_same_records(results)
-    row_of = method_row(cells)
     parts, csv_rows = [], []
-    for protocol in _protocols(cells):
-        for setting in ("single", "multi"):
-            rows, tasks = group(cells, setting, protocol, row_of)
-            data = _per_record(results, setting, protocol, row_of)
-            others = [r.label for r in rows if r.label != ref]
-            if ref not in data or not any(label in data for label in others):
-                continue
-            md, rows_csv = _paired_section(cells, data, ref, others, tasks, setting, protocol)
-            parts.append(md)
-            csv_rows += rows_csv
+    for protocol, setting, rows, tasks, data in _record_sections(results):
+        others = [r.label for r in rows if r.label != ref]
+        if ref not in data or not any(label in data for label in others):
+            continue
+        md, rows_csv = _paired_section(cells, data, ref, others, tasks, setting, protocol)
+        parts.append(md)
+        csv_rows += rows_csv
     return Table("paired", "\n\n".join(parts), csv_rows)
 
 
@@ -873,51 +878,47 @@ def logprob(results: Results) -> Table:
     """Mean gold-label log-probability (nats) per row and task: per cell the mean over the test
     records, then mean ± sample std over seeds; Avg per seed over the tasks, then over seeds."""
     cells = results.cells
-    row_of = method_row(cells)
     parts, csv_rows = [], []
-    for protocol in _protocols(cells):
-        for setting in ("single", "multi"):
-            rows, tasks = group(cells, setting, protocol, row_of)
-            data = _per_record(results, setting, protocol, row_of)
-            if not _has_logprob(data):
-                continue
-            per_seed = {  # row -> task -> seed -> mean log p(gold)
-                label: {t: {s: float(r.gold_logprob.mean()) for s, r in by_seed.items() if r.gold_logprob is not None}
-                        for t, by_seed in by_task.items()}
-                for label, by_task in data.items()
-            }  # fmt: skip
-            seeds = len({s for by_task in per_seed.values() for by_seed in by_task.values() for s in by_seed})
-            lines = [
-                f"### Gold-label log-probability (nats), {setting}-task, protocol `{protocol}`",
-                "",
-                _caption(cells, tasks, seeds, rows)
-                + " Per cell, the mean over the test records of log p(gold) = log_softmax over the task's label "
-                "logits at the gold label: 0 is certainty, and the `uniform` row is an equal split over the labels. "
-                "Higher is better; it moves with the model's confidence where accuracy does not. Avg per seed over "
-                "the tasks, then over the seeds that have every task. n/a: no per-record results for those cells.",
-                "",
-                "| method | #params | " + " | ".join(tasks) + " | Avg |",
-                "|---|---:|" + "---:|" * (len(tasks) + 1),
-            ]
-            for row in rows:
-                by_task = per_seed.get(row.label, {})
-                values = {t: list(by_task.get(t, {}).values()) for t in tasks}
-                common = set.intersection(*(set(by_task.get(t, {})) for t in tasks)) if tasks else set()
-                values["avg"] = [statistics.fmean(by_task[t][s] for t in tasks) for s in sorted(common)]
-                cols = [_format_logprob(values[t], seeds) for t in [*tasks, "avg"]]
-                lines.append(f"| {row.label} | {row.params_text()} | " + " | ".join(cols) + " |")
-                out = {"protocol": protocol, "setting": setting, "row": row.label}
-                for t, v in values.items():
-                    mean, std = mean_std(v) if v else (None, None)
-                    out.update({f"{t}_mean": _round(mean), f"{t}_std": _round(std), f"{t}_seeds": len(v)})
-                csv_rows.append(out)
-            uniform = [_uniform_logprob(t) for t in tasks]
-            lines.append(
-                "| uniform | | "
-                + " | ".join("–" if u is None else f"{u:.3f}" for u in uniform)
-                + (f" | {statistics.fmean(uniform):.3f} |" if None not in uniform else " | – |")
-            )
-            parts.append("\n".join(lines))
+    for protocol, setting, rows, tasks, data in _record_sections(results):
+        if not _has_logprob(data):
+            continue
+        per_seed = {  # row -> task -> seed -> mean log p(gold)
+            label: {t: {s: float(r.gold_logprob.mean()) for s, r in by_seed.items() if r.gold_logprob is not None}
+                    for t, by_seed in by_task.items()}
+            for label, by_task in data.items()
+        }  # fmt: skip
+        seeds = len({s for by_task in per_seed.values() for by_seed in by_task.values() for s in by_seed})
+        lines = [
+            f"### Gold-label log-probability (nats), {setting}-task, protocol `{protocol}`",
+            "",
+            _caption(cells, tasks, seeds, rows)
+            + " Per cell, the mean over the test records of log p(gold) = log_softmax over the task's label "
+            "logits at the gold label: 0 is certainty, and the `uniform` row is an equal split over the labels. "
+            "Higher is better; it moves with the model's confidence where accuracy does not. Avg per seed over "
+            "the tasks, then over the seeds that have every task. n/a: no per-record results for those cells.",
+            "",
+            "| method | #params | " + " | ".join(tasks) + " | Avg |",
+            "|---|---:|" + "---:|" * (len(tasks) + 1),
+        ]
+        for row in rows:
+            by_task = per_seed.get(row.label, {})
+            values = {t: list(by_task.get(t, {}).values()) for t in tasks}
+            common = set.intersection(*(set(by_task.get(t, {})) for t in tasks)) if tasks else set()
+            values["avg"] = [statistics.fmean(by_task[t][s] for t in tasks) for s in sorted(common)]
+            cols = [_format_logprob(values[t], seeds) for t in [*tasks, "avg"]]
+            lines.append(f"| {row.label} | {row.params_text()} | " + " | ".join(cols) + " |")
+            out = {"protocol": protocol, "setting": setting, "row": row.label}
+            for t, v in values.items():
+                mean, std = mean_std(v) if v else (None, None)
+                out.update({f"{t}_mean": _round(mean), f"{t}_std": _round(std), f"{t}_seeds": len(v)})
+            csv_rows.append(out)
+        uniform = [_uniform_logprob(t) for t in tasks]
+        lines.append(
+            "| uniform | | "
+            + " | ".join("–" if u is None else f"{u:.3f}" for u in uniform)
+            + (f" | {statistics.fmean(uniform):.3f} |" if None not in uniform else " | – |")
+        )
+        parts.append("\n".join(lines))
     return Table("logprob", "\n\n".join(parts), csv_rows)
 
 
