@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch.testing import assert_close
 
 from omoe import OMoEConfig, get_omoe_model
+from omoe.bench import full_logits_loss_sum
 from omoe.data import load_task
 from omoe.data.prompts import build_prompt
+from omoe.data.tasks import get_task
 from omoe.data.tokenize import IGNORE_INDEX, collate, tokenize_dataset
 from omoe.errors import OMoEError
 from omoe.eval import evaluate
@@ -30,14 +31,6 @@ def _head_rows(model):
         lambda module, args, out: rows.append(out.shape[:-1].numel())
     )
     return rows, handle
-
-
-def _full_logits_loss(model, batch):
-    """The training loss as it was before: every position's logits, then the masked cross-entropy."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
-    targets = F.pad(batch["labels"], (0, 1), value=IGNORE_INDEX)[:, 1:]  # (B, T)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")  # fmt: skip
 
 
 def _omoe_batch(smollm2_tokenizer):
@@ -62,7 +55,8 @@ def test_loss_at_supervised_positions_equals_full_logits_loss_and_gradients(smol
     rows, handle = _head_rows(model)
     new = token_loss_sum(model, batch["input_ids"], batch["attention_mask"], batch["labels"])
     new_grads = torch.autograd.grad(new, params)
-    old = _full_logits_loss(model, batch)
+    old = full_logits_loss_sum(model, batch["labels"], input_ids=batch["input_ids"],
+                               attention_mask=batch["attention_mask"])  # fmt: skip
     old_grads = torch.autograd.grad(old, params)
     handle.remove()
 
@@ -107,7 +101,7 @@ def test_a_head_that_does_not_see_batch_by_position_hidden_states_is_an_error():
 
 def _label_scores_full_logits(model, tokenizer, task, records, batch_size):
     """The label protocol's scores as they were computed before: full logits, then the last row."""
-    prefix, label_ids = label_tokens(tokenizer, task_labels(task))
+    prefix, label_ids = label_tokens(tokenizer, get_task(task).labels)
     prompts = tokenizer([build_prompt(r, with_output=False) for r in records])["input_ids"]
     inputs = [[*p, *prefix] for p in prompts]
     scores = []
@@ -117,12 +111,6 @@ def _label_scores_full_logits(model, tokenizer, task, records, batch_size):
         last = mask.sum(1) - 1
         scores.append(logits[torch.arange(len(ids)), last][:, label_ids])  # (B, labels)
     return torch.cat(scores)
-
-
-def task_labels(task):
-    from omoe.data.tasks import get_task
-
-    return get_task(task).labels
 
 
 @pytest.mark.parametrize("task", ["boolq", "ARC-Easy"])
@@ -138,7 +126,7 @@ def test_label_predictions_and_scores_equal_those_of_the_full_logits(smollm2_tok
         old = _label_scores_full_logits(model, smollm2_tokenizer, task, records, batch_size=1)
     new = torch.tensor([list(p["scores"].values()) for p in predictions])
     assert_close(new, old, rtol=0, atol=1e-4)
-    labels = task_labels(task)
+    labels = get_task(task).labels
     assert [p["prediction"] for p in predictions] == [labels[int(i)] for i in old.argmax(1)]
 
 
@@ -153,7 +141,9 @@ def test_label_predictions_of_the_bundled_model_equal_those_of_the_full_logits()
                                   precision="fp32")  # fmt: skip
         with torch.inference_mode():
             old = _label_scores_full_logits(model, tokenizer, task, records, batch_size=3)
-        assert [p["prediction"] for p in predictions] == [task_labels(task)[int(i)] for i in old.argmax(1)]
+        assert [p["prediction"] for p in predictions] == [
+            get_task(task).labels[int(i)] for i in old.argmax(1)
+        ]
         new = torch.tensor([list(p["scores"].values()) for p in predictions])
         assert_close(new, old, rtol=0, atol=1e-3)
 

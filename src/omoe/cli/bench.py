@@ -1,4 +1,4 @@
-"""``omoe bench``: training-step time and memory of the base, LoRA, PEFT LoRA and OMoE."""
+"""``omoe bench``: training-step time, tokens/s and memory of the base, LoRA, PEFT LoRA and OMoE; label-evaluation time."""
 
 from omoe import bench
 
