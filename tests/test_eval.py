@@ -9,7 +9,7 @@ from torch import nn
 from torch.testing import assert_close
 
 from omoe.cli.main import main
-from omoe.data import TASKS, build_prompt, get_task, load_task, tokenize_example
+from omoe.data import TASKS, build_prompt, get_task, load_task, parse_fields, render, tokenize_example
 from omoe.errors import ConfigError
 from omoe.eval import (
     GenerateProtocol,
@@ -19,6 +19,8 @@ from omoe.eval import (
     parse_choices,
     predictions_path,
 )
+from omoe.eval.evaluate import get_protocol
+from omoe.eval.label import response_tokens
 from omoe.eval.loglik import pick_choices
 from omoe.models.testing import tiny_llama
 
@@ -169,6 +171,52 @@ def test_label_protocol_picks_the_argmax_label_at_the_last_real_token(smollm2_to
     assert metrics["no_match"] == 0
 
 
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_moe_peft_label_tokens_are_single_tokens_that_training_supervises(smollm2_tokenizer, task):
+    tok, t = smollm2_tokenizer, get_task(task)
+    prefix, ids = response_tokens(tok, [" " + name for name in ("true", "false")] if task == "boolq" else
+                                  [f" {letter}" for letter in "ABCDE"[: len(t.labels)]])  # fmt: skip
+    assert prefix == []  # the label is the first target token: scored right after the prompt
+    token_of = dict(zip(t.labels, ids))
+    for record in _records(task, 20):
+        prompt, target = render(record, task, "moe-peft")
+        assert len(tok(target, add_special_tokens=False)["input_ids"]) == 1
+        ex = tokenize_example(tok, record, cutoff_len=4096, prompt="moe-peft", task=task)
+        n_prompt = len(tok(prompt)["input_ids"])
+        supervised = (ex["labels"] != -100).nonzero().flatten().tolist()
+        assert supervised == [n_prompt] and ex["input_ids"][n_prompt].item() == token_of[record["answer"]]
+
+
+def test_label_protocol_reads_the_moe_peft_prompt_and_keeps_canonical_answers(smollm2_tokenizer):
+    tok = smollm2_tokenizer
+    task = get_task("ARC-Challenge")
+    records = _records("ARC-Challenge", 5)
+    _, label_ids = response_tokens(tok, [" A", " B", " C", " D", " E"])
+    wanted = {parse_fields(task, r["instruction"]).question: i % 4 for i, r in enumerate(records)}
+    stub = ScriptedLogits(tok, wanted, label_ids, vocab=len(tok))
+    metrics, predictions = evaluate(
+        stub, tok, task, records, "label", batch_size=2, progress=False, prompt="moe-peft"
+    )
+    assert [p["prediction"] for p in predictions] == [task.labels[i % 4] for i in range(5)]
+    assert all(p["answer"] == r["answer"] for p, r in zip(predictions, records))
+    assert [p["gold_label"] for p in predictions] == [
+        "ABCDE"[task.labels.index(r["answer"])] for r in records
+    ]
+    assert all(list(p["scores"]) == list("ABCDE") and p["prompt"] == "moe-peft" for p in predictions)
+    assert metrics["prompt"] == "moe-peft" and metrics["protocol"] == "label"
+    assert metrics["correct"] == sum(r["answer"] == task.labels[i % 4] for i, r in enumerate(records))
+
+
+def test_only_the_label_protocol_reads_the_moe_peft_prompt():
+    assert get_protocol("label", prompt="moe-peft").prompt == "moe-peft"
+    for protocol in ("generate", "loglik"):
+        with pytest.raises(ConfigError, match=f"protocol {protocol} reads the alpaca prompt only; with prompt "
+                           "moe-peft use protocol label"):  # fmt: skip
+            get_protocol(protocol, prompt="moe-peft")
+    with pytest.raises(ConfigError, match="unknown prompt format 'raw'; allowed: alpaca, moe-peft"):
+        get_protocol("label", prompt="raw")
+
+
 def test_label_protocol_is_batch_invariant_on_a_real_model(tiny, smollm2_tokenizer):
     records = _records("boolq", 4) + _records("boolq", 12)[8:]
     _, p1 = evaluate(tiny, smollm2_tokenizer, "boolq", records, "label", batch_size=1, progress=False)
@@ -205,10 +253,10 @@ def test_parse_choices_of_hand_written_instructions():
     )
 
 
-@pytest.mark.parametrize(("task", "split"), sorted((n, s) for n, t in TASKS.items() for s in t.splits))
-def test_parse_choices_finds_every_listed_choice_in_every_bundled_record(task, split):
+@pytest.mark.parametrize(("task", "file"), sorted((n, f) for n, t in TASKS.items() for f in t.files))
+def test_parse_choices_finds_every_listed_choice_in_every_bundled_record(task, file):
     t = get_task(task)
-    for i, r in enumerate(load_task(t, split)):
+    for i, r in enumerate(load_task(t, "train+val" if file == "train" else file)):
         labels, texts = parse_choices(t, r["instruction"])
         assert r["answer"] in labels, i
         assert all(texts) and len(texts) == len(labels) >= 2, i
@@ -341,7 +389,22 @@ def tiny_dir(tmp_path_factory, smollm2_tokenizer):
             ["--tasks", "boolq", "--protocol", "label", "--limit", "abc"],
             "argument --limit: invalid int value",
         ),
-        (["--tasks", "piqa", "--split", "train", "--protocol", "label"], "piqa has no bundled split 'train'"),
+        (
+            ["--tasks", "winogrande", "--split", "test", "--protocol", "label"],
+            "winogrande has no bundled split 'test'",
+        ),
+        (
+            ["--tasks", "boolq", "--protocol", "label", "--prompt", "mixlora"],
+            "unknown prompt format 'mixlora'; allowed: alpaca, moe-peft",
+        ),
+        (
+            ["--tasks", "boolq", "--protocol", "generate", "--prompt", "moe-peft"],
+            "protocol generate reads the alpaca prompt only; with prompt moe-peft use protocol label",
+        ),
+        (
+            ["--tasks", "boolq", "--protocol", "loglik", "--prompt", "moe-peft"],
+            "protocol loglik reads the alpaca prompt only",
+        ),
         (
             ["--tasks", "boolq", "--protocol", "label", "--adapter", "NOADAPTER"],
             "adapter directory not found",
@@ -394,7 +457,8 @@ def test_cli_writes_results_predictions_and_prints_a_table(tiny_dir, tmp_path, c
     )
     assert sum(results["tasks"]["boolq"]["answer_counts"].values()) == 3
     assert [json.loads(line)["task"] for line in lines] == ["boolq"] * 3 + ["winogrande"] * 3
-    assert f"| boolq | {protocol} | 3 |" in out
+    assert f"| boolq | {protocol} | alpaca | 3 |" in out
+    assert results["prompt"] == "alpaca" and all(m["prompt"] == "alpaca" for m in results["tasks"].values())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["res.json", "res.predictions.jsonl"]
 
 
@@ -431,3 +495,43 @@ def test_cli_rejects_an_adapter_that_does_not_fit_the_model(tiny_dir, tmp_path, 
     assert rc == 2 and last.startswith("omoe eval: error: ") and err.count("omoe eval: error") == 1, err
     assert "tensor 'model.layers.0.mlp.omoe_experts.down.lora_A' has shape (2, 16, 64)" in last
     assert not out_file.parent.exists()
+
+
+@pytest.mark.parametrize("task", ["social_i_qa", "winogrande"])
+def test_cli_scores_a_users_full_test_file_in_both_prompt_formats(tiny_dir, tmp_path, capsys, task):
+    data_file = tmp_path / "test.json"  # a user's own file: here the bundled sample, re-written
+    data_file.write_text(json.dumps(load_task(task, "sample")[:5]))
+    for prompt in ("alpaca", "moe-peft"):
+        out_file = tmp_path / f"{prompt}.json"
+        args = ["eval", "--model", str(tiny_dir), "--task", task, "--data-file", str(data_file), "--protocol"]
+        rc, out, err = _cli(
+            [*args, "label", "--prompt", prompt, "--output", str(out_file), "--no-progress"], capsys
+        )
+        assert rc == 0, err
+        results = json.loads(out_file.read_text())
+        assert results["prompt"] == prompt and results["tasks"][task]["prompt"] == prompt
+        assert results["tasks"][task]["data_file"] == str(data_file) and results["tasks"][task]["n"] == 5
+        assert f"| {task} | label | {prompt} | 5 |" in out
+        preds = [json.loads(line) for line in predictions_path(out_file).read_text().splitlines()]
+        names = get_task(task).labels if prompt == "alpaca" else tuple("ABC"[: len(get_task(task).labels)])
+        assert all(tuple(p["scores"]) == names and p["prediction"] in get_task(task).labels for p in preds)
+
+
+def test_cli_scores_the_val_split(tiny_dir, tmp_path, capsys):
+    out_file = tmp_path / "val.json"
+    args = [
+        "eval",
+        "--model",
+        str(tiny_dir),
+        "--tasks",
+        "boolq,piqa",
+        "--split",
+        "val",
+        "--protocol",
+        "label",
+    ]
+    rc, _, err = _cli([*args, "--prompt", "moe-peft", "--limit", "2", "--output", str(out_file)], capsys)
+    assert rc == 0, err
+    tasks = json.loads(out_file.read_text())["tasks"]
+    assert tasks["boolq"]["data_file"].endswith("boolq/train.json.gz [val]")
+    assert tasks["piqa"]["data_file"].endswith("piqa/train.json.gz [val]")

@@ -300,10 +300,17 @@ BAD = [
         "cell moe__multi__seed0: top_k=4 exceeds",
     ),
     (_bad(tasks=["boolq", "siqa"]), "unknown task 'siqa'"),
-    (_bad(tasks=["piqa"]), "task piqa has no bundled train split"),
+    (
+        _bad(**{"base/data/prompt": "mixlora"}),
+        "base: unknown data.prompt 'mixlora'; allowed: alpaca, moe-peft",
+    ),
+    (
+        _bad(**{"base/data/prompt": "moe-peft"}),
+        "cell lora__multi__moe-peft__seed0: protocol generate reads the alpaca prompt only",
+    ),
     (_bad(settings=["single", "few-shot"]), "unknown setting 'few-shot'"),
     (_bad(eval={"protocols": ["vote"]}), "unknown protocol 'vote'"),
-    (_bad(eval={"tasks": ["hellaswag"], "split": "train"}), "task hellaswag has no bundled 'train' split"),
+    (_bad(eval={"tasks": ["winogrande"], "split": "test"}), "task winogrande has no bundled 'test' split"),
     (_bad(sweep={"adapter.r,adapter.alpha": [[2, 4], [8]]}), "sweeps 2 keys together"),
     (_bad(**{"base/output_dir": "x"}), "base.output_dir is set by the grid"),
     (_bad(**{"base/optim": {"lr": -1}}), "base: optim.lr must be a finite number > 0"),
@@ -344,3 +351,46 @@ def test_options_accept_none_as_the_name_of_an_orthogonal_layers_preset():
     assert load_config(None, {"adapter.orthogonal_layers": "none"}).adapter.orthogonal_layers == "none"
     with pytest.raises(ConfigError, match=r"optim\.lr must be a number"):
         load_config(None, {"optim.lr": "none"})
+
+
+# ---------------------------------------------------------------------------- prompt formats
+def test_moe_peft_cells_carry_the_format_in_their_id_training_and_evaluation(tmp_path, smollm2_tokenizer):
+    data = {**copy.deepcopy(GRID), "eval": {"protocols": ["label"], "limit": 2, "batch_size": 2}}
+    alpaca = spec_of(tmp_path, data)
+    spec = build_experiment(copy.deepcopy(data), None, alpaca.results_dir, alpaca.work_dir, prompt="moe-peft")
+    assert [c.id for c in spec.cells] == ["lora__multi__moe-peft__seed0", "omoe_top2__multi__moe-peft__seed0"]
+    assert all(c.config.data.prompt == "moe-peft" for c in spec.cells)
+    assert {c.fingerprint for c in spec.cells}.isdisjoint(c.fingerprint for c in alpaca.cells)
+    written, _ = run(spec, smollm2_tokenizer, only=["lora"])
+    result = written[0]
+    assert result["eval"]["prompt"] == "moe-peft" and result["train_config"]["data"]["prompt"] == "moe-peft"
+    assert set(result["metrics"]) == {"boolq", "ARC-Easy"}
+    lines = (spec.cells[0].work_dir / "eval_predictions.jsonl").read_text().splitlines()
+    preds = [json.loads(line) for line in lines]
+    assert {p["prompt"] for p in preds} == {"moe-peft"}
+    assert {tuple(p["scores"]) for p in preds if p["task"] == "ARC-Easy"} == {tuple("ABCDE")}
+    from omoe.experiment.stats import read_records, records_path
+
+    recs = read_records(records_path(spec.result_path(spec.cells[0])))
+    assert all(r.gold_logprob is not None and (r.gold_logprob < 0).all() for r in recs.values())
+    # the alpaca cells of the same file are untouched: other ids, still to run
+    assert [cell_state(alpaca, c).state for c in alpaca.cells] == ["todo", "todo"]
+
+
+def test_committed_results_keep_their_fingerprint_under_the_legacy_data_settings():
+    """Keys added later (data.split, data.prompt, data.group_by_length) are left out of the
+    fingerprint at the value that reproduces what the code did before them."""
+    from omoe.experiment.spec import EvalOptions, fingerprint
+    from omoe.train import options
+    from omoe.train.config import TrainConfig
+
+    path = ROOT / "results" / "smollm2-table2_multi_task" / "lora_r16__multi__seed0.json"
+    saved = json.loads(path.read_text())
+    assert "split" not in saved["train_config"]["data"]  # written before the key existed
+    ev = options.build(EvalOptions, {k: saved["eval"][k] for k in ("protocols", "limit", "batch_size",
+                                                                    "max_new_tokens", "num_beams")})  # fmt: skip
+    data = copy.deepcopy(saved["train_config"])
+    data["data"].update(split="train+val", group_by_length=False, prompt="alpaca")
+    assert fingerprint(TrainConfig.from_dict(data), ev, saved["eval_tasks"]) == saved["fingerprint"]
+    data["data"]["split"] = "train"  # the val slice left out: other training data, another fingerprint
+    assert fingerprint(TrainConfig.from_dict(data), ev, saved["eval_tasks"]) != saved["fingerprint"]

@@ -38,7 +38,8 @@ def test_quickstart_writes_results_table_and_adapter(tmp_path, smollm2_tokenizer
     "argv, message",
     [
         (["--tasks", "siqa"], "unknown task 'siqa'"),
-        (["--tasks", "social_i_qa"], "task social_i_qa has no bundled train split"),
+        (["--prompt", "raw"], "unknown prompt format 'raw'; allowed: alpaca, moe-peft"),
+        (["--prompt", "moe-peft", "--protocol", "loglik"], "protocol loglik reads the alpaca prompt only"),
         (["--max_steps", "0"], "max_steps must be an integer >= 1"),
         (["--lr", "-1"], "lr must be > 0"),
         (["--no-such-option", "1"], "no-such-option"),

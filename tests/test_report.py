@@ -569,3 +569,39 @@ def test_paired_reference_errors_and_results_without_records(tmp_path, capsys):
     assert "paired" not in available_tables(load_results(bare))
     assert main(["report", "--results", str(bare), "--table", "paired"]) == 2
     assert "table paired cannot be built" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- prompt formats
+def test_a_report_holds_one_prompt_format_and_names_it(tmp_path, capsys):
+    def moe_peft(c):
+        c = {
+            **c,
+            "cell": c["cell"].replace("__seed", "__moe-peft__seed"),
+            "eval": {**c["eval"], "prompt": "moe-peft"},
+        }
+        return c
+
+    alpaca = [cell(m, "single", {"boolq": a}, method_index=i, protocol="label")
+              for i, (m, a) in enumerate((("lora", 0.50), ("omoe", 0.60)))]  # fmt: skip
+    mixed = [*alpaca, *(moe_peft(cell(m, "single", {"boolq": a}, method_index=i, protocol="label"))
+                        for i, (m, a) in enumerate((("lora", 0.70), ("omoe", 0.80))))]  # fmt: skip
+    results = write(tmp_path, mixed)
+    before = sorted(p.name for p in results.iterdir())
+    assert main(["report", "--results", str(results), "--table", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "mixes prompt formats: alpaca (2 cells), moe-peft (2 cells)" in err and "--prompt" in err, err
+    assert sorted(p.name for p in results.iterdir()) == before
+
+    out = tmp_path / "out"
+    for prompt in ("moe-peft", "alpaca"):
+        argv = ["report", "--results", str(results), "--table", "1", "--prompt", prompt, "--output", str(out)]
+        assert main(argv) == 0
+        capsys.readouterr()
+    moe_md, alpaca_md = (out / "table1-moe-peft.md").read_text(), (out / "table1.md").read_text()
+    assert moe_md.startswith("Prompt format `moe-peft` (every cell).")
+    assert row(moe_md, "lora")[2].startswith("70.0") and row(moe_md, "omoe")[2].startswith("80.0")
+    assert row(alpaca_md, "lora")[2].startswith("50.0") and "Prompt format" not in alpaca_md
+    assert {r["prompt"] for r in read_csv(out / "table1-moe-peft.csv")} == {"moe-peft"}
+    assert load_results(results, "alpaca").prompt == "alpaca"
+    with pytest.raises(ConfigError, match="no cells of prompt format raw in"):
+        load_results(results, "raw")

@@ -5,10 +5,14 @@ Examples::
     omoe experiment --config experiments/smollm2/table1_single_task.yaml --dry-run
     omoe experiment --config experiments/smollm2/table1_single_task.yaml
     omoe experiment --config experiments/smollm2/table1_single_task.yaml --only 'omoe_*' --only lora_r16
+    omoe experiment --config experiments/smollm2/table1_single_task.yaml --prompt moe-peft --dry-run
 
 Every finished cell writes ``results/<experiment>/<cell>.json``; run the same command again to
 continue a killed sweep (finished cells are skipped, a cell killed mid-training resumes from its
 newest checkpoint). ``omoe report --results results/<experiment>`` turns the results into tables.
+``--prompt`` sets every cell's prompt format (``base.data.prompt``): the cells train and are scored
+in it, and cells of a format other than alpaca carry it in their id (``lora_r16__single-boolq__moe-
+peft__seed0``), so both formats can share a results directory.
 """
 
 from __future__ import annotations
@@ -28,6 +32,11 @@ def register(subparsers) -> None:
         "--config", required=True, metavar="FILE.yaml", help="experiment file (see experiments/)"
     )
     parser.add_argument("--dry-run", action="store_true", help="list the cells and their state; run nothing")
+    parser.add_argument(
+        "--prompt", metavar="FORMAT",
+        help="prompt format of every cell, for training and evaluation: alpaca or moe-peft (default: the "
+        "file's base.data.prompt, else alpaca); moe-peft is scored by the label protocol only",
+    )  # fmt: skip
     parser.add_argument(
         "--only",
         action="append",
@@ -50,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     if args.no_progress:
         quiet_transformers()
 
-    spec = load_experiment(args.config, args.results_dir, args.work_dir)
+    spec = load_experiment(args.config, args.results_dir, args.work_dir, args.prompt)
     cells = spec.select(args.only)
     if args.dry_run:
         print(f"experiment {spec.name}: {len(cells)} of {len(spec.cells)} cells; results in {spec.results_dir}, "

@@ -8,6 +8,9 @@ about 10 minutes on 2 CPU cores, the first-time GGUF conversion included; every 
 
 The untuned model rarely answers in the required format ("the correct answer is answer2"), so
 most of its answers count as no-match; the short fine-tune mostly teaches that format.
+
+``--prompt moe-peft`` trains and evaluates in MoE-PEFT's format instead, scored by the ``label``
+protocol (argmax over the label tokens, so there are no no-matches).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from omoe.errors import ConfigError
 from omoe.train import options
 
 QUICKSTART_TASKS = ("ARC-Easy", "boolq", "openbookqa")
+DEFAULT_PROTOCOL = {"alpaca": "generate", "moe-peft": "label"}  # each format's own paper protocol
 
 
 @dataclass
@@ -40,7 +44,18 @@ class QuickstartConfig:
     )
     tasks: list[str] = field(
         default_factory=lambda: list(QUICKSTART_TASKS),
-        metadata={"help": "tasks to train on (their train splits) and evaluate (their test splits)"},
+        metadata={
+            "help": "tasks to train on (their train splits) and evaluate (their test splits; social_i_qa and "
+            "winogrande: their 50-record samples)"
+        },
+    )
+    prompt: str = field(
+        default="alpaca",
+        metadata={"help": "prompt format of training and evaluation: alpaca (LLM-Adapters) or moe-peft"},
+    )
+    protocol: str | None = field(
+        default=None,
+        metadata={"help": "evaluation protocol; null = generate with prompt alpaca, label with moe-peft"},
     )
     eval_limit: int = field(default=40, metadata={"help": "evaluate the first N test records of each task"})
     train_per_task: int = field(
@@ -82,6 +97,15 @@ class QuickstartConfig:
             raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
+        from omoe.eval.evaluate import get_protocol
+
+        if self.protocol is None:
+            self.protocol = DEFAULT_PROTOCOL.get(self.prompt, "generate")
+        get_protocol(self.protocol, **self.generation(), prompt=self.prompt)
+
+    def generation(self) -> dict:
+        """Generation options of :func:`omoe.eval.evaluate` (generate protocol only)."""
+        return {"max_new_tokens": self.max_new_tokens} if self.protocol == "generate" else {}
 
     def train_config(self):
         """The :class:`~omoe.train.TrainConfig` of the fine-tune (default ``OMoEConfig()`` adapter)."""
@@ -97,6 +121,7 @@ class QuickstartConfig:
                     "tasks": list(self.tasks),
                     "limit": self.train_per_task,
                     "cutoff_len": self.cutoff_len,
+                    "prompt": self.prompt,
                 },
                 "optim": {
                     "lr": self.lr,
@@ -142,7 +167,7 @@ def quickstart(config: QuickstartConfig, model=None, tokenizer=None) -> dict:
     start = time.perf_counter()
     out = Path(config.output_dir)
     train_config = config.train_config()  # validates before anything slow
-    test_sets = {t: load_task(t, "test", limit=config.eval_limit) for t in config.tasks}
+    test_sets = {t: load_task(t, limit=config.eval_limit) for t in config.tasks}  # each task's eval_split
     torch.set_flush_denormal(True)
 
     if model is None:
@@ -157,14 +182,15 @@ def quickstart(config: QuickstartConfig, model=None, tokenizer=None) -> dict:
         metrics, predictions = {}, []
         for task, records in test_sets.items():
             metrics[task], preds = evaluate(
-                m, tokenizer, task, records, "generate", config.eval_batch_size,
-                max_new_tokens=config.max_new_tokens, progress=config.progress,
+                m, tokenizer, task, records, config.protocol, config.eval_batch_size,
+                progress=config.progress, prompt=config.prompt, **config.generation(),
             )  # fmt: skip
             predictions.extend(preds)
             _say(
                 f"{stage}: {task} accuracy {metrics[task]['accuracy']:.3f}, no-match {metrics[task]['no_match']}/{metrics[task]['n']}"
             )
-        results = {"stage": stage, "model": config.model, "protocol": "generate", "tasks": metrics}
+        results = {"stage": stage, "model": config.model, "protocol": config.protocol, "prompt": config.prompt,
+                   "tasks": metrics}  # fmt: skip
         write_results(out / f"{stage}.json", results, predictions)
         return metrics, time.perf_counter() - t0
 
@@ -186,7 +212,8 @@ def quickstart(config: QuickstartConfig, model=None, tokenizer=None) -> dict:
     wall = time.perf_counter() - start
     results = {
         "model": config.model,
-        "protocol": "generate",
+        "protocol": config.protocol,
+        "prompt": config.prompt,
         "config": options.to_dict(config),
         "before": before,
         "after": after,
@@ -218,7 +245,8 @@ def quickstart(config: QuickstartConfig, model=None, tokenizer=None) -> dict:
         f"results: {out / 'results.json'}, {out / 'results.md'}; predictions: {out}/before.predictions.jsonl, {out}/after.predictions.jsonl"
     )
     print(
-        f"evaluate it again: omoe eval --adapter {adapter_dir} --tasks {','.join(config.tasks)} --protocol generate --limit {config.eval_limit} --output {out / 'eval.json'}"
+        f"evaluate it again: omoe eval --adapter {adapter_dir} --tasks {','.join(config.tasks)} "
+        f"--protocol {config.protocol} --prompt {config.prompt} --limit {config.eval_limit} --output {out / 'eval.json'}"
     )
     return results
 

@@ -12,7 +12,8 @@ answers (share of the most frequent prediction per task: is a model answering th
 runs (wall time and hardware of every cell), paired (a reference method minus each other method on the
 same test records, pooled over seeds, with 95% bootstrap intervals: accuracy and the gold label's
 log-probability), logprob (mean gold-label log-probability, label protocol).
-Accuracies are mean ± sample std over seeds, in percent; every table names its protocol.
+Accuracies are mean ± sample std over seeds, in percent; every table names its protocol. A report
+covers one prompt format: results that mix alpaca and moe-peft cells need --prompt.
 
     omoe report --results results/smollm2-table2_multi_task --table paired --reference lora_r16
 """
@@ -42,6 +43,8 @@ def register(subparsers) -> None:
     parser.add_argument("--output", metavar="DIR", help="where the files go (default: the results directory)")
     parser.add_argument("--x", dest="x_key", metavar="KEY", help="fig4's x axis (default: adapter.num_experts "
                         "or adapter.top_k, whichever is swept)")  # fmt: skip
+    parser.add_argument("--prompt", metavar="FORMAT", help="report the cells of this prompt format only "
+                        "(alpaca or moe-peft); needed when the results mix formats")  # fmt: skip
     parser.add_argument("--reference", metavar="NAME", help="the paired table's reference: a method name or a row "
                         "label (default: the first method whose adapter is OMoE)")  # fmt: skip
     parser.error = lambda message: parser.exit(2, f"omoe report: error: {message}\n")
@@ -53,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
     from omoe.experiment.report import build_tables, load_results, write_tables
 
-    results = load_results(args.results)
+    results = load_results(args.results, args.prompt)
     which = [t.strip() for spec in args.table or [] for t in spec.split(",") if t.strip()]
     tables = build_tables(results, which or None, args.x_key, args.reference)
     source = Path(args.results)

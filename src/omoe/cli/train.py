@@ -5,6 +5,7 @@ Examples::
     omoe train --config configs/fast.yaml
     omoe train --config configs/paper.yaml --adapter.method lora --optim.lr 3e-4 --output_dir runs/lora
     omoe train --config configs/fast.yaml --data-file my.json --task boolq
+    omoe train --config configs/fast.yaml --prompt moe-peft    # MoE-PEFT's wording, label-token target
     omoe train --config configs/fast.yaml --resume            # continue from the newest checkpoint
     torchrun --nproc_per_node 2 -m omoe.cli.main train --config configs/fast.yaml
 
@@ -24,6 +25,7 @@ ALIASES = {
     "data-file": "data.data_file",
     "task": "data.task",
     "tasks": "data.tasks",
+    "prompt": "data.prompt",
     "output-dir": "output_dir",
 }
 

@@ -12,7 +12,7 @@ import json
 import random
 from pathlib import Path
 
-from omoe.data.tasks import Task, get_task
+from omoe.data.tasks import VAL_SPLIT, Task, get_task, val_indices
 from omoe.errors import ConfigError, OMoEError
 
 RECORD_FIELDS: tuple[str, ...] = ("instruction", "input", "output", "answer")
@@ -72,20 +72,39 @@ def _record_problem(record: object, task: Task | None) -> str | None:
 
 
 def bundled_file(task: str | Task, split: str) -> Path:
-    """Path of a bundled file, e.g. ``bundled_file("boolq", "train")``."""
+    """Path of the bundled file a split is read from, e.g. ``bundled_file("boolq", "train")``
+    (``val`` and ``train+val`` are read from the train file)."""
     task = get_task(task)
     if split not in task.splits:
         raise ConfigError(
             f"task {task.name} has no bundled split {split!r}; bundled: {', '.join(task.splits)} "
             "(pass a data file for other splits)"
         )
-    return DATA_DIR / task.name / f"{split}.json.gz"
+    return DATA_DIR / task.name / f"{split if split in task.files else 'train'}.json.gz"
+
+
+def load_split(task: str | Task, split: str) -> list[dict]:
+    """All records of a bundled split, in file order. ``val`` is the slice
+    :func:`omoe.data.tasks.val_indices` of the train file, ``train`` the rest of it less any record
+    whose instruction is also a ``val`` record's (the official train sets hold a few exact
+    duplicates), and ``train+val`` the whole file."""
+    task = get_task(task)
+    records = load_records(bundled_file(task, split), task)
+    if split not in ("train", VAL_SPLIT):
+        return records  # a file of its own, or train+val (the whole train file)
+    picked = set(val_indices(len(records)))
+    val = [r for i, r in enumerate(records) if i in picked]
+    if split == VAL_SPLIT:
+        return val
+    seen = {r["instruction"] for r in val}
+    return [r for i, r in enumerate(records) if i not in picked and r["instruction"] not in seen]
 
 
 def load_task(
     task: str | Task, split: str | None = None, data_file: str | Path | None = None, limit: int | None = None
 ) -> list[dict]:
-    """Records of one task: a bundled split (default: the task's ``eval_split``) or ``data_file``.
+    """Records of one task: a bundled split (default: the task's ``eval_split``; see
+    :func:`load_split`) or ``data_file``.
 
     ``limit`` keeps the first ``limit`` records, in file order (as LLM-Adapters evaluates them).
     """
@@ -94,7 +113,7 @@ def load_task(
     if data_file is not None:
         records = load_records(data_file, task)
     else:
-        records = load_records(bundled_file(task, split or task.eval_split), task)
+        records = load_split(task, split or task.eval_split)
     return records[:limit] if limit is not None else records
 
 

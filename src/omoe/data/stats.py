@@ -1,4 +1,5 @@
-"""Print a Markdown table of the bundled files: records, answer counts, tokenised lengths.
+"""Print a Markdown table of the bundled files: records, answer counts, tokenised lengths in both
+prompt formats.
 
 Run ``python -m omoe.data.stats`` (uses the SmolLM2 tokenizer for the length columns); the table in
 ``docs/data.md`` is this command's output.
@@ -11,27 +12,28 @@ import statistics
 from collections import Counter
 
 from omoe.data.loader import load_task
-from omoe.data.tasks import TASKS
+from omoe.data.tasks import FULL_TRAIN_SPLIT, TASKS
 from omoe.data.tokenize import tokenize_dataset
 
 
 def stats_table(tokenizer) -> str:
     lines = [
-        "| task | split | records | answers | tokens median | tokens max | > 256 | > 512 |",
-        "|---|---|---:|---|---:|---:|---:|---:|",
+        "| task | file | records | answers | alpaca median | alpaca max | > 256 | > 512 | moe-peft median | moe-peft max |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for name, task in TASKS.items():
-        for split in task.splits:
-            records = load_task(task, split)
+        for file in task.files:
+            records = load_task(task, FULL_TRAIN_SPLIT if file == "train" else file)
             counts = Counter(r["answer"] for r in records)
             answers = " ".join(f"{label}:{counts[label]}" for label in task.labels if counts[label])
-            lengths = [
-                e["input_ids"].numel()
-                for e in tokenize_dataset(tokenizer, records, cutoff_len=10**6).examples
-            ]
+            alpaca, moe_peft = (
+                [e["input_ids"].numel() for e in tokenize_dataset(tokenizer, records, 10**6, prompt=fmt, task=task).examples]
+                for fmt in ("alpaca", "moe-peft")
+            )  # fmt: skip
             lines.append(
-                f"| {name} | {split} | {len(records)} | {answers} | {statistics.median(lengths):g} | {max(lengths)} "
-                f"| {sum(n > 256 for n in lengths)} | {sum(n > 512 for n in lengths)} |"
+                f"| {name} | {file} | {len(records)} | {answers} | {statistics.median(alpaca):g} | {max(alpaca)} "
+                f"| {sum(n > 256 for n in alpaca)} | {sum(n > 512 for n in alpaca)} "
+                f"| {statistics.median(moe_peft):g} | {max(moe_peft)} |"
             )
     return "\n".join(lines)
 
@@ -44,7 +46,10 @@ def main() -> None:
     args = parser.parse_args()
     from omoe.models import load_tokenizer
 
-    print(f"Token counts: prompt + response + EOS, tokenizer of {args.model}.\n")
+    print(
+        f"Token counts per record, tokenizer of {args.model}: alpaca = prompt + response + EOS, "
+        "moe-peft = prompt + label token.\n"
+    )
     print(stats_table(load_tokenizer(args.model)))
 
 

@@ -1,8 +1,11 @@
-"""Turn records into training examples: prompt + response + EOS, with the prompt masked out of the loss.
+"""Turn records into training examples: prompt + target (+ EOS), with the prompt masked out of the loss.
 
-The prompt (template with an empty response) and the response (the record's ``output``) are
-tokenised separately and concatenated, so the prompt's tokens are exactly the tokens an evaluation
-prompt has, and the first label token is the first token the model must emit after it.
+The prompt and the target of :func:`omoe.data.prompts.render` are tokenised separately and
+concatenated, so the prompt's tokens are exactly the tokens an evaluation prompt has, and the first
+target token is the first token the model must emit after it (the token the ``label`` protocol
+scores). Format ``alpaca``: prompt = template with an empty response, target = the record's
+``output``, then EOS. Format ``moe-peft``: MoE-PEFT's wording, target = `` <label>`` (one token with
+SmolLM2), no EOS.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from typing import NamedTuple
 
 import torch
 
-from omoe.data.prompts import build_prompt
+from omoe.data.prompts import get_format, render_many
 from omoe.errors import ConfigError
 
 IGNORE_INDEX = -100
@@ -24,39 +27,54 @@ class TokenizedData(NamedTuple):
     num_truncated: int
 
 
-def tokenize_example(tokenizer, record: dict, cutoff_len: int = 512, train_on_inputs: bool = False) -> dict:
-    """Tokenise one record.
+def tokenize_example(
+    tokenizer,
+    record: dict,
+    cutoff_len: int = 512,
+    train_on_inputs: bool = False,
+    prompt: str = "alpaca",
+    task=None,
+) -> dict:
+    """Tokenise one record (``prompt``, ``task``: see :func:`tokenize_dataset`).
 
     Returns:
         dict with ``input_ids``, ``labels``, ``attention_mask`` (1-D LongTensors of shape ``(T,)``,
         ``T <= cutoff_len``) and ``truncated`` (bool). ``labels`` is ``input_ids`` with the prompt
         positions set to -100 unless ``train_on_inputs``.
     """
-    return tokenize_dataset(tokenizer, [record], cutoff_len, train_on_inputs).examples[0]
+    return tokenize_dataset(tokenizer, [record], cutoff_len, train_on_inputs, prompt, task).examples[0]
 
 
 def tokenize_dataset(
-    tokenizer, records: list[dict], cutoff_len: int = 512, train_on_inputs: bool = False
+    tokenizer,
+    records: list[dict],
+    cutoff_len: int = 512,
+    train_on_inputs: bool = False,
+    prompt: str = "alpaca",
+    task=None,
 ) -> TokenizedData:
-    """Tokenise records in one batched tokenizer call per part (prompt, response).
+    """Tokenise records in one batched tokenizer call per part (prompt, target).
 
-    Sequences longer than ``cutoff_len`` keep their first ``cutoff_len`` tokens (the EOS, and possibly
-    the answer, are lost); their number is returned so callers can report it.
+    ``prompt`` is the prompt format (``alpaca`` or ``moe-peft``); ``task`` names the records' task
+    where they carry no ``"task"`` key (``moe-peft`` needs it, to word the prompt). Sequences longer
+    than ``cutoff_len`` keep their first ``cutoff_len`` tokens (the EOS, and possibly the answer, are
+    lost); their number is returned so callers can report it.
     """
     if isinstance(cutoff_len, bool) or not isinstance(cutoff_len, int) or cutoff_len <= 0:
         raise ConfigError(f"cutoff_len must be a positive integer, got {cutoff_len!r}")
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ConfigError("the tokenizer has no EOS token; set tokenizer.eos_token before tokenising")
+    tail = [eos] if get_format(prompt).train_eos else []
     if not records:
         return TokenizedData([], 0)
-    prompts = [build_prompt(r, with_output=False) for r in records]
+    prompts, targets = render_many(records, task, prompt)
     prompt_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
-    response_ids = tokenizer([r["output"] for r in records], add_special_tokens=False)["input_ids"]
+    target_ids = tokenizer(targets, add_special_tokens=False)["input_ids"]
 
     examples, num_truncated = [], 0
-    for p, r in zip(prompt_ids, response_ids):
-        ids = torch.tensor([*p, *r, eos], dtype=torch.long)  # (T_full,)
+    for p, r in zip(prompt_ids, target_ids):
+        ids = torch.tensor([*p, *r, *tail], dtype=torch.long)  # (T_full,)
         labels = ids.clone()
         if not train_on_inputs:
             labels[: len(p)] = IGNORE_INDEX

@@ -1,7 +1,10 @@
 """Library entry point: score one task's records with one protocol.
 
 The three protocols answer different questions and their accuracies are NOT comparable; every
-metrics dict carries its ``protocol``.
+metrics dict carries its ``protocol`` and its ``prompt`` format. Only ``label`` reads the
+``moe-peft`` prompt (MoE-PEFT's own protocol): ``generate`` extracts LLM-Adapters' answer words
+(``answer2``) from a generation and ``loglik`` scores the choice texts after the Alpaca prompt, so
+both are defined for ``alpaca`` only.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from collections import Counter
 
 import torch
 
+from omoe.data.prompts import PROMPT_FORMATS, get_format
 from omoe.data.tasks import Task, get_task
 from omoe.errors import ConfigError
 from omoe.eval.batching import model_device
@@ -20,16 +24,28 @@ from omoe.eval.loglik import LoglikProtocol
 from omoe.models.precision import autocast, autocast_dtype, precision_name
 
 PROTOCOLS = {"generate": GenerateProtocol, "label": LabelProtocol, "loglik": LoglikProtocol}
+# The prompt formats each protocol reads (see the module docstring).
+PROTOCOL_PROMPTS = {"generate": ("alpaca",), "label": PROMPT_FORMATS, "loglik": ("alpaca",)}
 
 
-def get_protocol(name: str, max_new_tokens: int = 32, num_beams: int = 1):
-    """Build a protocol object by name; generation options apply to ``generate`` only."""
+def get_protocol(name: str, max_new_tokens: int = 32, num_beams: int = 1, prompt: str = "alpaca"):
+    """Build a protocol object by name; generation options apply to ``generate`` only, the prompt
+    format must be one the protocol reads (:data:`PROTOCOL_PROMPTS`)."""
     if name not in PROTOCOLS:
         raise ConfigError(f"unknown protocol {name!r}; allowed: {', '.join(PROTOCOLS)}")
+    get_format(prompt)
+    if prompt not in PROTOCOL_PROMPTS[name]:
+        readers = [p for p, formats in PROTOCOL_PROMPTS.items() if prompt in formats]
+        raise ConfigError(
+            f"protocol {name} reads the {'/'.join(PROTOCOL_PROMPTS[name])} prompt only; "
+            f"with prompt {prompt} use protocol {' or '.join(readers)}"
+        )
     if name == "generate":
         return GenerateProtocol(max_new_tokens=max_new_tokens, num_beams=num_beams)
     if (max_new_tokens, num_beams) != (32, 1):
         raise ConfigError(f"max_new_tokens/num_beams apply to protocol generate only, not {name}")
+    if name == "label":
+        return LabelProtocol(prompt=prompt)
     return PROTOCOLS[name]()
 
 
@@ -45,6 +61,7 @@ def evaluate(
     num_beams: int = 1,
     progress: bool = True,
     precision: str = "auto",
+    prompt: str = "alpaca",
 ) -> tuple[dict, list[dict]]:
     """Evaluate ``model`` on ``records`` of ``task``.
 
@@ -52,16 +69,17 @@ def evaluate(
     ``__call__(input_ids=, attention_mask=) -> .logits`` (e.g. ``OMoEModel``). It is put in eval mode
     for the duration and restored afterwards. The tokenizer needs a pad and an EOS token.
     ``precision`` (auto, fp32, bf16, fp16) is the autocast of :mod:`omoe.models.precision`; the
-    metrics record the one used.
+    metrics record the one used. ``prompt`` is the prompt format (``alpaca``, or ``moe-peft`` with
+    the ``label`` protocol): evaluate with the format the model was trained with.
 
     Returns:
-        ``(metrics, predictions)``: metrics has ``task``, ``protocol``, ``n``, ``correct``,
+        ``(metrics, predictions)``: metrics has ``task``, ``protocol``, ``prompt``, ``n``, ``correct``,
         ``accuracy``, ``no_match``, ``seconds``, ``precision`` (and ``acc_norm`` for ``loglik``);
         predictions has one dict per record with ``index``, ``answer``, ``prediction``, ``correct``
         and protocol details.
     """
     task = get_task(task)
-    proto = get_protocol(protocol, max_new_tokens=max_new_tokens, num_beams=num_beams)
+    proto = get_protocol(protocol, max_new_tokens=max_new_tokens, num_beams=num_beams, prompt=prompt)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
     if not records:
@@ -89,11 +107,13 @@ def evaluate(
     for p in predictions:
         p["task"] = task.name
         p["protocol"] = proto.name
+        p["prompt"] = prompt
     n = len(predictions)
     correct = sum(p["correct"] for p in predictions)
     metrics = {
         "task": task.name,
         "protocol": proto.name,
+        "prompt": prompt,
         "n": n,
         "correct": correct,
         "accuracy": correct / n,

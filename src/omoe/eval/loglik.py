@@ -1,9 +1,9 @@
 """``loglik`` protocol (lm-evaluation-harness style multiple choice).
 
-The choices are parsed out of the instruction (``Answer1: ... Answer2: ...``, ``Solution1:``,
-``Ending1:``, ``Option1:``; boolq's choices are the words ``true`` / ``false``). Each choice's text is
-scored as the continuation of the prompt (template with an empty response): the sum of its tokens'
-log-probabilities. ``acc`` takes the argmax of the sums; ``acc_norm`` divides each sum by the choice's
+The choices are parsed out of the instruction (:func:`omoe.data.fields.parse_choices`: ``Answer1: ...
+Answer2: ...``, ``Solution1:``, ``Ending1:``, ``Option1:``; boolq's choices are the words ``true`` /
+``false``). Each choice's text is scored as the continuation of the prompt (template with an empty
+response): the sum of its tokens' log-probabilities. ``acc`` takes the argmax of the sums; ``acc_norm`` divides each sum by the choice's
 length in characters first, as lm-eval's ``process_results`` does (``len(choice)``).
 """
 
@@ -13,48 +13,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from omoe.data.fields import parse_choices
 from omoe.data.loader import DataFormatError
 from omoe.data.prompts import build_prompt
 from omoe.data.tasks import Task
 from omoe.eval.batching import length_sorted_batches, model_device, pad, progress_bar
 from omoe.models.logits import selected_logits
-
-FORMAT_MARKER = "Answer format:"
-
-
-def parse_choices(task: Task, instruction: str) -> tuple[list[str], list[str]]:
-    """Split an instruction into its choices.
-
-    The labels come from the last ``Answer format: a/b/c`` line; the text of choice ``labelN`` runs from
-    its marker (``LabelN:``) to the next marker, or to ``Answer format:`` for the last one. Markers are
-    searched backwards from the format line, so a question mentioning ``Answer1:`` does not confuse it.
-
-    Returns:
-        ``(labels, texts)``, aligned.
-    """
-    end = instruction.rfind(FORMAT_MARKER)
-    if end < 0:
-        raise DataFormatError(f"no {FORMAT_MARKER!r} line in the instruction")
-    labels = [s.strip() for s in instruction[end + len(FORMAT_MARKER) :].strip().split("/")]
-    unknown = [label for label in labels if label not in task.labels]
-    if unknown:
-        raise DataFormatError(
-            f"{FORMAT_MARKER} lists {unknown}, not {task.name} labels ({'/'.join(task.labels)})"
-        )
-    if task.choice_marker is None:
-        return labels, list(labels)
-    texts: list[str] = []
-    for label in reversed(labels):
-        marker = task.choice_marker + label[len(task.choice_marker) :] + ":"
-        start = instruction.rfind(marker, 0, end)
-        if start < 0:
-            raise DataFormatError(f"choice marker {marker!r} not found in the instruction")
-        text = instruction[start + len(marker) : end].strip()
-        if not text:
-            raise DataFormatError(f"choice {marker!r} is empty")
-        texts.append(text)
-        end = start
-    return labels, texts[::-1]
 
 
 def continuation_logprobs(

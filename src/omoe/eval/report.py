@@ -24,17 +24,19 @@ def write_results(output: str | Path, results: dict, predictions: list[dict]) ->
 
 
 def markdown_table(task_metrics: list[dict]) -> str:
-    """One row per task: task, protocol, n, accuracy, acc_norm (loglik only), no-match count, and
-    the most frequent prediction with its share (a model that always answers the same shows 100%)."""
+    """One row per task: task, protocol, prompt format, n, accuracy, acc_norm (loglik only), no-match
+    count, and the most frequent prediction with its share (a model that always answers the same
+    shows 100%)."""
     lines = [
-        "| task | protocol | n | accuracy | acc_norm | no_match | top prediction (share) | gold majority (share) |",
-        "|---|---|---:|---:|---:|---:|---|---|",
+        "| task | protocol | prompt | n | accuracy | acc_norm | no_match | top prediction (share) | gold majority (share) |",
+        "|---|---|---|---:|---:|---:|---:|---|---|",
     ]
     for m in task_metrics:
         acc_norm = f"{m['acc_norm']:.4f}" if "acc_norm" in m else "–"
         top, gold = _top_share(m.get("prediction_counts"), m["n"]), _top_share(m.get("answer_counts"), m["n"])
         lines.append(
-            f"| {m['task']} | {m['protocol']} | {m['n']} | {m['accuracy']:.4f} | {acc_norm} | {m['no_match']} "
+            f"| {m['task']} | {m['protocol']} | {m.get('prompt', 'alpaca')} | {m['n']} | {m['accuracy']:.4f} "
+            f"| {acc_norm} | {m['no_match']} "
             f"| {top} | {gold} |"
         )
     return "\n".join(lines)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from omoe.data.loader import bundled_file, load_task
+from omoe.data.prompts import PROMPT_FORMATS, render_many
 from omoe.data.tasks import TASK_NAMES, Task, get_task, parse_task_list
 from omoe.errors import AdapterLoadError, ConfigError, OMoEError
 from omoe.eval.evaluate import evaluate, get_protocol
@@ -30,6 +31,13 @@ class EvalSpec:
         default="generate",
         metadata={"help": "generate, label or loglik (accuracies are not comparable across them)"},
     )
+    prompt: str = field(
+        default="alpaca",
+        metadata={
+            "help": f"prompt format, one of {', '.join(PROMPT_FORMATS)}: the one the model was trained with; "
+            "moe-peft (MoE-PEFT's wording, label token target) is scored by --protocol label only"
+        },
+    )
     tasks: str | None = field(
         default=None, metadata={"help": f"comma-separated bundled tasks, from: {','.join(TASK_NAMES)}"}
     )
@@ -39,7 +47,10 @@ class EvalSpec:
     )
     split: str | None = field(
         default=None,
-        metadata={"help": "bundled split for --tasks (default: test, or sample where only a sample ships)"},
+        metadata={
+            "help": "bundled split for --tasks (default: test, or sample where only a sample ships); val = "
+            "a seeded slice of the train file that training on 'train' leaves out, for tuning"
+        },
     )
     adapter: str | None = field(
         default=None, metadata={"help": "saved omoe adapter directory (adapter_config.json + weights)"}
@@ -65,7 +76,7 @@ class EvalSpec:
     device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:0, ..."})
 
     def __post_init__(self) -> None:
-        get_protocol(self.protocol, self.max_new_tokens, self.num_beams)
+        get_protocol(self.protocol, self.max_new_tokens, self.num_beams, self.prompt)
         on_cuda = self.device.startswith("cuda")
         if self.precision not in PRECISIONS or (self.precision == "fp16" and not on_cuda):
             allowed = PRECISIONS if on_cuda else ("auto", "fp32", "bf16")
@@ -113,7 +124,8 @@ def load_adapter(model, adapter: str | Path):
 
 
 def load_records_for(spec: EvalSpec) -> list[tuple[Task, str, list[dict]]]:
-    """``(task, source file, records)`` per task, records cut to ``spec.limit``."""
+    """``(task, source, records)`` per task, records cut to ``spec.limit``; the source is the file,
+    followed by the split in brackets where the split is a part of it (``.../train.json.gz [val]``)."""
     out = []
     for task in spec.task_list():
         if spec.data_file is not None:
@@ -122,7 +134,10 @@ def load_records_for(spec: EvalSpec) -> list[tuple[Task, str, list[dict]]]:
         else:
             split = spec.split or task.eval_split
             source = str(bundled_file(task, split))
+            if split not in task.files:
+                source += f" [{split}]"
             records = load_task(task, split, limit=spec.limit)
+        render_many(records, task, spec.prompt)  # a record the format cannot word fails before loading
         out.append((task, source, records))
     return out
 
@@ -163,6 +178,7 @@ def run_eval(
             num_beams=spec.num_beams,
             progress=progress,
             precision=spec.precision,
+            prompt=spec.prompt,
         )
         metrics["data_file"] = source
         per_task[task.name] = metrics
@@ -170,7 +186,8 @@ def run_eval(
 
     results = {
         "protocol": spec.protocol,
-        "note": "accuracies from different protocols (generate / label / loglik) are not comparable",
+        "prompt": spec.prompt,
+        "note": "accuracies from different protocols (generate / label / loglik) or prompt formats are not comparable",
         "model": spec.model,
         "adapter": str(Path(spec.adapter).resolve()) if spec.adapter else None,
         "adapter_config": adapter_config,

@@ -27,6 +27,10 @@ Every accuracy is the mean over seeds with the sample standard deviation (n - 1)
 seed is written ``±0.0 (1 seed)``, and a row with fewer seeds than the table says how many it has.
 The Avg column is computed per seed (mean over the tasks) and then averaged, over the seeds that
 have every task. Every table names its evaluation protocol.
+
+A report covers one prompt format (``eval.prompt`` of each cell; results without it are ``alpaca``):
+results that mix formats need ``--prompt``, so no column ever holds two formats. The tables of a
+format other than alpaca say so in their first line and are written as ``<table>-<format>.md``.
 """
 
 from __future__ import annotations
@@ -60,11 +64,18 @@ class Results:
     benches: list[dict]
     source: Path
     per_record: dict[str, dict] = field(default_factory=dict, repr=False)  # cell id -> cell_records()
+    prompt: str = "alpaca"  # the prompt format of every cell
 
 
-def load_results(path: str | Path) -> Results:
+def cell_prompt(cell: dict) -> str:
+    """The prompt format a cell was trained and scored in (results from before formats: alpaca)."""
+    return cell.get("eval", {}).get("prompt", "alpaca")
+
+
+def load_results(path: str | Path, prompt: str | None = None) -> Results:
     """Cell results (``*.json`` of ``omoe experiment``) and Table-3 benchmarks in a directory, or
-    one such JSON file. Other JSON files are ignored; a broken one is an error."""
+    one such JSON file. Other JSON files are ignored; a broken one is an error. ``prompt`` keeps the
+    cells of one prompt format; without it, cells of several formats are an error."""
     from omoe.experiment.runner import RESULT_KIND
 
     path = Path(path)
@@ -86,7 +97,18 @@ def load_results(path: str | Path) -> Results:
         raise ConfigError(
             f"no experiment results in {path} (JSON files of omoe experiment, or of omoe bench --table3)"
         )
-    return Results(cells, benches, path)
+    counts = {p: sum(cell_prompt(c) == p for c in cells) for p in sorted(set(map(cell_prompt, cells)))}
+    if prompt is not None:
+        cells = [c for c in cells if cell_prompt(c) == prompt]
+        if not cells and not benches:
+            found = ", ".join(f"{p} ({n} cells)" for p, n in counts.items()) or "none"
+            raise ConfigError(f"no cells of prompt format {prompt} in {path}; formats there: {found}")
+    elif len(counts) > 1:
+        found = ", ".join(f"{p} ({n} cells)" for p, n in counts.items())
+        raise ConfigError(
+            f"{path} mixes prompt formats: {found}; a table holds one format, choose one with --prompt"
+        )
+    return Results(cells, benches, path, prompt=prompt or next(iter(counts), "alpaca"))
 
 
 def available_tables(results: Results, x_key: str | None = None, reference: str | None = None) -> list[str]:
@@ -253,6 +275,12 @@ def build_tables(
                 f"available here: {', '.join(available) or 'none'}"
             )
         out.append(builders[name](results, x_key) if name == "fig4" else builders[name](results))
+    if results.prompt != "alpaca":
+        for t in out:
+            t.name = f"{t.name}-{results.prompt}"
+            t.markdown = f"Prompt format `{results.prompt}` (every cell).\n\n{t.markdown}"
+            for row in t.csv_rows:
+                row["prompt"] = results.prompt
     return out
 
 

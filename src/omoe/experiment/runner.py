@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from omoe.data.loader import load_task
+from omoe.data.prompts import render_many
 from omoe.errors import ConfigError
 from omoe.experiment.spec import Cell, ExperimentSpec, fingerprint
 from omoe.experiment.stats import records_path, records_payload, write_records
@@ -263,7 +264,7 @@ def run_cell(
             for protocol in spec.eval.protocols:
                 m, preds = evaluate(
                     model, tokenizer, task, records[task], protocol, spec.eval.batch_size,
-                    progress=progress, **spec.eval.generation_options(protocol),
+                    progress=progress, prompt=config.data.prompt, **spec.eval.generation_options(protocol),
                 )  # fmt: skip
                 metrics.setdefault(task, {})[protocol] = _slim(m)
                 predictions.extend(preds)
@@ -307,6 +308,7 @@ def run_cell(
         },
         "eval": {
             "protocols": list(spec.eval.protocols),
+            "prompt": config.data.prompt,  # the format of training and of every protocol's prompts
             "limit": spec.eval.limit,
             "batch_size": spec.eval.batch_size,
             "max_new_tokens": spec.eval.max_new_tokens,
@@ -362,7 +364,10 @@ def _device(device: str) -> torch.device:
 
 def _eval_records(spec: ExperimentSpec, cells: list[Cell]) -> dict[str, list[dict]]:
     tasks = dict.fromkeys(t for c in cells for t in c.eval_tasks)
-    return {t: load_task(t, spec.eval.split_of(t), limit=spec.eval.limit) for t in tasks}
+    records = {t: load_task(t, spec.eval.split_of(t), limit=spec.eval.limit) for t in tasks}
+    for task, prompt in dict.fromkeys((t, c.config.data.prompt) for c in cells for t in c.eval_tasks):
+        render_many(records[task], task, prompt)  # a record the format cannot word fails before training
+    return records
 
 
 def _with_progress(config: TrainConfig, progress: bool) -> TrainConfig:

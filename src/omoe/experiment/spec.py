@@ -35,6 +35,10 @@ GRID_KEYS = ("output_dir", "seed", "data.tasks", "data.data_file", "data.task")
 # Keys that do not change a cell's numbers: a result computed under other values still counts.
 FREE_KEYS = ("output_dir", "device", "fsdp", "gradient_checkpointing", "checkpoint_every", "keep_checkpoints",
              "logging.")  # fmt: skip
+# Keys added after results were written, with the value that reproduces the earlier behaviour:
+# alpaca was the only prompt format, training read the whole train file (now split train+val) and
+# shuffled it plainly (group_by_length false).
+LEGACY_VALUES = {"data.prompt": "alpaca", "data.split": "train+val", "data.group_by_length": False}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 
 
@@ -154,15 +158,21 @@ class ExperimentSpec:
 
 
 def load_experiment(
-    path: str | Path, results_dir: str | Path | None = None, work_dir: str | Path | None = None
+    path: str | Path,
+    results_dir: str | Path | None = None,
+    work_dir: str | Path | None = None,
+    prompt: str | None = None,
 ) -> ExperimentSpec:
-    """Read and check an experiment file; resolve every cell's training config."""
+    """Read and check an experiment file; resolve every cell's training config. ``prompt`` (the
+    ``--prompt`` flag) replaces ``base.data.prompt``."""
     path = Path(path)
     data = options.read_yaml(path)
-    return build_experiment(data, path, results_dir, work_dir)
+    return build_experiment(data, path, results_dir, work_dir, prompt)
 
 
-def build_experiment(data: dict, path: Path | None = None, results_dir=None, work_dir=None) -> ExperimentSpec:
+def build_experiment(
+    data: dict, path: Path | None = None, results_dir=None, work_dir=None, prompt: str | None = None
+) -> ExperimentSpec:
     where = str(path) if path else "experiment"
     unknown = [k for k in data if k not in SPEC_KEYS]
     if unknown:
@@ -176,6 +186,8 @@ def build_experiment(data: dict, path: Path | None = None, results_dir=None, wor
     if not isinstance(base, dict):
         raise ConfigError(f"{where}: base must be a mapping of training-config keys, got {base!r}")
     base = _nested(_flatten(base), f"{where}: base")
+    if prompt is not None:
+        options.set_dotted(base, TrainConfig, "data.prompt", prompt)
     for key in ("output_dir", "data.data_file", "data.task"):
         if _get(base, key) is not None:
             raise ConfigError(f"{where}: base.{key} is set by the grid (work_dir/<cell>, tasks); remove it")
@@ -211,10 +223,11 @@ def build_experiment(data: dict, path: Path | None = None, results_dir=None, wor
         groups = [[t] for t in tasks] if setting == "single" else [tasks]
         for train_tasks, (sweep_index, point) in itertools.product(groups, enumerate(points)):
             for method_index, (method, overrides) in enumerate(methods.items()):
-                cell_id = _cell_id(method, setting, train_tasks, point, seed)
                 config_data = copy.deepcopy(base)
                 for key, value in (*overrides.items(), *point.items()):  # the sweep wins over the method
                     options.set_dotted(config_data, TrainConfig, key, copy.deepcopy(value))
+                cell_prompt = _get(config_data, "data.prompt") or "alpaca"
+                cell_id = _cell_id(method, setting, train_tasks, point, seed, cell_prompt)
                 config_data["seed"] = seed
                 config_data["output_dir"] = str(work_dir / cell_id)
                 config_data.setdefault("data", {})["tasks"] = list(train_tasks)
@@ -228,6 +241,13 @@ def build_experiment(data: dict, path: Path | None = None, results_dir=None, wor
                     eval_tasks = list(eval_options.tasks or tasks)
                 for t in eval_tasks:
                     eval_options.split_of(t)
+                for protocol in eval_options.protocols:  # the cell is scored in its training format
+                    try:
+                        get_protocol(
+                            protocol, **eval_options.generation_options(protocol), prompt=config.data.prompt
+                        )
+                    except ConfigError as err:
+                        raise ConfigError(f"{where}: cell {cell_id}: {err}") from None
                 cell = Cell(cell_id, method, method_index, overrides, setting, list(train_tasks), eval_tasks,
                             seed, point, sweep_index, config)  # fmt: skip
                 if cell_id in seen:
@@ -242,9 +262,16 @@ def build_experiment(data: dict, path: Path | None = None, results_dir=None, wor
 
 def fingerprint(config: TrainConfig, eval_options: EvalOptions | None = None, eval_tasks=None) -> str:
     """Hash of everything that changes a cell's numbers (not paths, devices or logging); without
-    ``eval_options``, of the training alone (to recognise a half-finished cell's work dir)."""
+    ``eval_options``, of the training alone (to recognise a half-finished cell's work dir). Keys added
+    later are left out at the value that did what the code did before them (:data:`LEGACY_VALUES`),
+    so results written before they existed keep their fingerprint."""
+    train = _flatten(config.to_dict())
     payload: dict = {
-        "train": {k: v for k, v in _flatten(config.to_dict()).items() if not k.startswith(FREE_KEYS)}
+        "train": {
+            k: v
+            for k, v in train.items()
+            if not k.startswith(FREE_KEYS) and (k not in LEGACY_VALUES or v != LEGACY_VALUES[k])
+        }
     }
     if eval_options is not None:
         payload.update(eval=options.to_dict(eval_options), eval_tasks=list(eval_tasks))
@@ -310,8 +337,12 @@ def _check_key(key: str, where: str) -> None:
     options.set_dotted({}, TrainConfig, key, None)  # unknown key: ConfigError listing the valid ones
 
 
-def _cell_id(method: str, setting: str, tasks: list[str], point: dict, seed: int) -> str:
+def _cell_id(
+    method: str, setting: str, tasks: list[str], point: dict, seed: int, prompt: str = "alpaca"
+) -> str:
     parts = [method, f"single-{tasks[0]}" if setting == "single" else "multi"]
+    if prompt != "alpaca" and "data.prompt" not in point:  # both formats can share a results directory
+        parts.append(prompt)
     if point:
         short = {k: k.rsplit(".", 1)[-1] for k in point}
         if len(set(short.values())) < len(short):

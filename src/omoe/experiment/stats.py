@@ -57,6 +57,12 @@ def records_path(result_path: str | Path) -> Path:
     return result_path.with_name(result_path.stem + RECORDS_SUFFIX)
 
 
+def scored_gold(prediction: dict) -> str:
+    """The gold answer as the label protocol's ``scores`` name it: ``gold_label`` (``B`` under the
+    moe-peft prompt for ``answer2``), else the record's ``answer`` (alpaca, older predictions)."""
+    return prediction.get("gold_label", prediction["answer"])
+
+
 def records_digest(records: list[dict]) -> str:
     """A short digest of a task's test records: equal digests mean the same records in the same order."""
     text = json.dumps(records, sort_keys=True, ensure_ascii=False, default=str)
@@ -80,7 +86,7 @@ def records_payload(cell: str, records: dict[str, list[dict]], predictions: list
             )
         out = {"correct": [int(bool(p["correct"])) for p in preds]}
         if all("scores" in p for p in preds):
-            out["gold_logprob"] = [round(gold_logprob(p["scores"], p["answer"]), 6) for p in preds]
+            out["gold_logprob"] = [round(gold_logprob(p["scores"], scored_gold(p)), 6) for p in preds]
         entry["protocols"][protocol] = out
     return {"kind": RECORDS_KIND, "cell": cell, "gold_logprob": GOLD_LOGPROB, "tasks": tasks}
 
@@ -144,7 +150,7 @@ def records_from_predictions(predictions: list[dict]) -> dict[tuple[str, str], R
         out[(task, protocol)] = Records(
             None, tuple(p["index"] for p in preds), tuple(p["answer"] for p in preds),
             np.asarray([float(bool(p["correct"])) for p in preds]),
-            np.asarray([gold_logprob(p["scores"], p["answer"]) for p in preds]) if has_scores else None,
+            np.asarray([gold_logprob(p["scores"], scored_gold(p)) for p in preds]) if has_scores else None,
         )  # fmt: skip
     return out
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from omoe.config import OMoEConfig
-from omoe.data.tasks import get_task
+from omoe.data.prompts import PROMPT_FORMATS
+from omoe.data.tasks import FULL_TRAIN_SPLIT, get_task
 from omoe.errors import ConfigError
 from omoe.optim import OrthogonalConfig
 from omoe.train import options
@@ -24,8 +25,9 @@ ORTHOGONAL_FSDP = (
     "optim.optimizer 'orthogonal' does not support fsdp (its projections need each expert's whole A and B); "
     "use several processes without fsdp (data parallel) or optim.optimizer adamw"
 )
-# The paper's multi-task mixture: the commonsense train sets that exist offline (PIQA ships none).
+# The paper's multi-task mixture (MixLoRA's): ARC-C, ARC-E, BoolQ and OBQA.
 PAPER_TASKS = ("ARC-Challenge", "ARC-Easy", "boolq", "openbookqa")
+TRAIN_SPLITS = ("train", FULL_TRAIN_SPLIT)
 
 
 @dataclass
@@ -57,6 +59,22 @@ class DataConfig:
     cutoff_len: int = field(
         default=512, metadata={"help": "tokens per example; longer ones are cut (and counted)"}
     )
+    split: str = field(
+        default="train",
+        metadata={
+            "help": f"bundled split to train on, one of {TRAIN_SPLITS}: 'train' leaves out the seeded val "
+            "slice (min(500, 10%) of each train file; score it with omoe eval --split val), "
+            f"'{FULL_TRAIN_SPLIT}' is the whole train file, as the paper trained"
+        },
+    )
+    prompt: str = field(
+        default="alpaca",
+        metadata={
+            "help": f"prompt format, one of {PROMPT_FORMATS}: 'alpaca' = LLM-Adapters' template, target "
+            "'the correct answer is <label>' + EOS; 'moe-peft' = MoE-PEFT's per-task wording, target the "
+            "label token (' A', ' true') only. Evaluate with the same format"
+        },
+    )
     train_on_inputs: bool = field(
         default=False, metadata={"help": "also train on the prompt tokens (default: response only)"}
     )
@@ -69,9 +87,15 @@ class DataConfig:
     )
 
     def __post_init__(self) -> None:
+        if self.prompt not in PROMPT_FORMATS:
+            raise ConfigError(f"unknown data.prompt {self.prompt!r}; allowed: {', '.join(PROMPT_FORMATS)}")
+        if self.split not in TRAIN_SPLITS:
+            raise ConfigError(f"unknown data.split {self.split!r}; allowed: {', '.join(TRAIN_SPLITS)}")
         if self.data_file is not None:
             if self.task is None:
                 raise ConfigError("data.data_file needs data.task (which task's answer labels it holds)")
+            if self.split != "train":
+                raise ConfigError("data.split applies to the bundled data.tasks, not to data.data_file")
             get_task(self.task)
             self.tasks = None  # the file replaces the bundled mixture
         else:

@@ -28,13 +28,13 @@ MEGA_BATCH = 50  # global batches per length-sorted group (Hugging Face's group_
 
 
 def load_training_records(data: DataConfig, seed: int) -> list[dict]:
-    """The records named by ``data``: a seeded mixture of bundled train splits, or ``data_file``."""
+    """The records named by ``data``: a seeded mixture of the bundled tasks' ``data.split``, or ``data_file``."""
     if data.data_file is not None:
         records = load_task(data.task, data_file=data.data_file, limit=data.limit)
         if not records:
             raise ConfigError(f"data file {data.data_file} holds no records")
         return records
-    return mix_tasks(list(data.tasks), "train", seed, limit_per_task=data.limit)
+    return mix_tasks(list(data.tasks), data.split, seed, limit_per_task=data.limit)
 
 
 @dataclass
@@ -112,7 +112,9 @@ class TrainData:
 
 def build_train_data(tokenizer, records: list[dict], data: DataConfig, global_batch_size: int,
                      micro_batch_size: int, seed: int) -> TrainData:  # fmt: skip
-    tokenized = tokenize_dataset(tokenizer, records, data.cutoff_len, data.train_on_inputs)
+    tokenized = tokenize_dataset(
+        tokenizer, records, data.cutoff_len, data.train_on_inputs, prompt=data.prompt, task=data.task
+    )
     return TrainData(
         tokenized.examples, tokenized.num_truncated, global_batch_size, micro_batch_size, seed,
         data.group_by_length,
