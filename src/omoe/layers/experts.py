@@ -5,7 +5,9 @@ is computed by one batched matmul. Tensors are *slot-major*: ``(S, N, d)``, wher
 token ``n`` uses expert ``s`` (dense, ``S = k``) or expert ``indices[s, n]`` (top-k).
 
 The module returns *deltas*: what each expert adds to the frozen output ``W0 x``. For LoRA that is
-``(alpha/r) B A x``; for DoRA it is ``m/||W0 + (alpha/r)BA|| * (W0 x + (alpha/r)BA x) - W0 x``.
+``(alpha/r) B A x``; for DoRA it is ``m/||W0 + (alpha/r)BA|| * (W0 x + (alpha/r)BA x) - W0 x``, formed
+without subtracting two rounded products (see :class:`DoRAExperts`): with B = 0 and an untrained
+magnitude every delta is exactly zero (docs/method.md, "Numerics").
 """
 
 from __future__ import annotations
@@ -15,6 +17,11 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def autocast_float16(device_type: str) -> bool:
+    """Whether float16 autocast is on: float16's range (max 65504) then bounds the gradients."""
+    return torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.float16
 
 
 def _cast_for(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -62,6 +69,9 @@ class LoRAExperts(nn.Module):
     """
 
     is_dora = False
+    # Set by an OMoE layer: compute B z in float32 under float16 autocast. Gram-Schmidt's gradient
+    # at B = 0 is 1/eps times LoRA's, beyond float16's range; B z is rank r, so this is cheap.
+    float32_up = False
 
     def __init__(self, in_features, out_features, num_experts=1, r=16, alpha=32.0, dropout=0.0, device=None):
         super().__init__()
@@ -107,7 +117,11 @@ class LoRAExperts(nn.Module):
 
     def up(self, z: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
         """``(alpha/r) B z`` per slot: z ``(S, N, r)`` to ``(S, N, out)``."""
-        return expert_matmul(z, self.lora_B, indices) * self.scaling
+        B = self.lora_B
+        if self.float32_up and autocast_float16(z.device.type):
+            with torch.autocast(z.device.type, enabled=False):
+                return expert_matmul(z.to(B.dtype), B, indices) * self.scaling
+        return expert_matmul(z, B, indices) * self.scaling
 
     def forward(self, x, indices=None, base_out=None, base_layer=None) -> torch.Tensor:
         """Delta of each slot's expert over the frozen output, ``(S, N, out)``.
@@ -139,19 +153,29 @@ def without_bias(y: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
 
 
 def _frozen_matmul(base_layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``W0 x`` without the bias, computed by calling the frozen module (FSDP-friendly)."""
-    y = base_layer(x)
-    bias = getattr(base_layer, "bias", None)
-    return y - bias if bias is not None else y
+    """``W0 x`` without the bias: a call of the frozen module (FSDP-friendly) when it has no bias.
+
+    With a bias the weight is applied directly: ``base_layer(x) - b`` would lose a small ``W0 x``
+    (an expert's small hidden change) to the rounding of ``W0 x + b``.
+    """
+    if getattr(base_layer, "bias", None) is None:
+        return base_layer(x)
+    return F.linear(x, base_layer.weight)
 
 
 class DoRAExperts(LoRAExperts):
     """DoRA experts: ``W_i = m_i * (W0 + s B_i A_i) / ||W0 + s B_i A_i||`` (norm per output row).
 
     As in the DoRA paper (Sec. 4.3) and PEFT, the norm is treated as a constant in the backward
-    pass. The row norms are computed without forming ``B A`` (see :meth:`weight_norm`):
+    pass. The row norms are computed without forming ``B A`` (see :meth:`norm_excess`):
     ``||W0_o + s (BA)_o||^2 = ||W0_o||^2 + 2 s B_o . (W0 A^T)_o + s^2 B_o (A A^T) B_o^T``,
     where ``A W0^T`` is a call of the frozen module on the ``r`` rows of ``A``.
+
+    ``m`` is stored as PEFT stores it (the magnitude itself, ``lora_magnitude``), initialised to
+    ``n0 = ||W0||``; ``n0`` is kept as a non-persistent buffer (``norm_ref``), so that the factor
+    ``m/n - 1`` of the frozen output is formed as ``((m - n0) - (n - n0)) / n`` with
+    ``n - n0 = extra / (n + n0)``: both differences are of quantities that are exactly equal for an
+    untrained expert, whatever device or dtype the layer has moved to since.
     """
 
     is_dora = True
@@ -159,33 +183,63 @@ class DoRAExperts(LoRAExperts):
     def __init__(self, in_features, out_features, num_experts=1, r=16, alpha=32.0, dropout=0.0, device=None):
         super().__init__(in_features, out_features, num_experts, r, alpha, dropout, device)
         self.lora_magnitude = nn.Parameter(torch.ones(num_experts, out_features, device=device))
+        self.register_buffer("norm_ref", None, persistent=False)  # (out,) ||W0|| row-wise
 
     def init_magnitude(self, base_layer: nn.Module) -> None:
-        """``m_i = ||W0 + s B_i A_i||`` row-wise, so that DoRA starts as the frozen map."""
+        """``m_i = ||W0||`` row-wise (B = 0), so that DoRA starts as the frozen map."""
         if self.lora_magnitude.device.type == "meta" or base_layer.weight.device.type == "meta":
             return
         with torch.no_grad():
-            self.lora_magnitude.copy_(self.weight_norm(base_layer))
+            self.norm_ref = self._frozen_sq_norm(base_layer).sqrt()  # (out,)
+            self.lora_magnitude.copy_(self.norm_ref.expand_as(self.lora_magnitude))
+
+    def _norm_dtype(self, base_layer: nn.Module) -> torch.dtype:
+        dtype = torch.promote_types(self.lora_A.dtype, base_layer.weight.dtype)
+        return torch.promote_types(dtype, torch.float32)
+
+    def _frozen_sq_norm(self, base_layer: nn.Module) -> torch.Tensor:
+        """``||W0||^2`` row-wise, ``(out,)``."""
+        return base_layer.weight.to(self._norm_dtype(base_layer)).pow(2).sum(-1)
+
+    @torch.no_grad()
+    def norm_excess(self, base_layer: nn.Module) -> torch.Tensor:
+        """``||W0 + s B A||^2 - ||W0||^2`` row-wise per expert, ``(k, out)``, at least float32, no
+        graph; exactly zero where B is."""
+        dtype = self._norm_dtype(base_layer)
+        A, B, s = self.lora_A.to(dtype), self.lora_B.to(dtype), self.scaling
+        with torch.autocast(A.device.type, enabled=False):  # small: always at least float32
+            w0_at = _frozen_matmul(base_layer, A.reshape(-1, A.shape[-1]).to(base_layer.weight.dtype))
+            w0_at = w0_at.to(dtype).view(self.num_experts, self.r, -1)  # (k, r, out) = A W0^T
+            cross = torch.einsum("kor,kro->ko", B, w0_at)  # B_o . (W0 A^T)_o
+            gram = torch.bmm(A, A.transpose(1, 2))  # (k, r, r)
+            quad = torch.einsum("kor,krs,kos->ko", B, gram, B)
+            return 2 * s * cross + s * s * quad
 
     @torch.no_grad()
     def weight_norm(self, base_layer: nn.Module) -> torch.Tensor:
         """Row norms of each expert's ``W0 + s B A``, ``(k, out)``, at least float32, no graph."""
-        dtype = torch.promote_types(self.lora_A.dtype, torch.float32)
-        A, B, s = self.lora_A.to(dtype), self.lora_B.to(dtype), self.scaling
-        w0_sq = base_layer.weight.to(dtype).pow(2).sum(-1)  # (out,)
-        with torch.autocast(A.device.type, enabled=False):
-            w0_at = _frozen_matmul(base_layer, A.reshape(-1, A.shape[-1]).to(base_layer.weight.dtype))
-        w0_at = w0_at.to(dtype).view(self.num_experts, self.r, -1)  # (k, r, out) = A W0^T
-        cross = torch.einsum("kor,kro->ko", B, w0_at)  # B_o . (W0 A^T)_o
-        gram = torch.bmm(A, A.transpose(1, 2))  # (k, r, r)
-        quad = torch.einsum("kor,krs,kos->ko", B, gram, B)
-        return (w0_sq + 2 * s * cross + s * s * quad).clamp_min(0).sqrt()
+        return (self._frozen_sq_norm(base_layer) + self.norm_excess(base_layer)).clamp_min(0).sqrt()
+
+    def scale_minus_one(self, base_layer: nn.Module) -> torch.Tensor:
+        """``m/n - 1`` per expert and output row, ``(k, out)``; exactly 0 for an untrained expert.
+
+        Formed as ``((m - n0) - (n - n0)) / n`` with ``n - n0 = extra / (n + n0)`` (``extra`` from
+        :meth:`norm_excess`), never as the difference of the two rounded ratios ``m/n`` and 1. The
+        gradient reaches ``m`` only (``n`` is a constant in backward, as in DoRA and PEFT).
+        """
+        extra = self.norm_excess(base_layer)  # (k, out)
+        with torch.no_grad():
+            n0 = self._frozen_sq_norm(base_layer).sqrt() if self.norm_ref is None else self.norm_ref
+            n0 = n0.to(extra.dtype)  # (out,)
+            n = (n0 * n0 + extra).clamp_min(0).sqrt()  # (k, out)
+            n_minus_n0 = extra / (n + n0).clamp_min(torch.finfo(n.dtype).tiny)
+        return ((self.lora_magnitude - n0) - n_minus_n0) / n
 
     def forward(self, x, indices=None, base_out=None, base_layer=None) -> torch.Tensor:
         x_dropped = self.dropout(x)
         lora = self.lora(x_dropped, indices)  # (S, N, out)
-        scale = self.lora_magnitude / self.weight_norm(base_layer)  # (k, out)
-        scale = scale[:, None, :] if indices is None else scale[indices]  # (S, 1|N, out)
+        rel = self.scale_minus_one(base_layer)  # (k, out) m/n - 1
+        rel = rel[:, None, :] if indices is None else rel[indices]  # (S, 1|N, out)
         # PEFT's form: with dropout active the magnitude rescales the frozen map of the dropped input.
         base_dropped = _frozen_matmul(base_layer, x_dropped) if self.dropout_active else base_out
-        return (scale - 1) * base_dropped + scale * lora
+        return rel * base_dropped + (1 + rel) * lora

@@ -9,10 +9,11 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from omoe.layers.experts import LoRAExperts, _frozen_matmul, without_bias
+from omoe.layers.experts import LoRAExperts, _frozen_matmul, autocast_float16, without_bias
 from omoe.layers.mixing import ExpertMixer
 from omoe.layers.router import Router, RouterStats, Routing
 
@@ -117,6 +118,7 @@ class MoELinear(MoELayer):
     def __init__(self, base_layer: nn.Linear, router, experts: LoRAExperts, mixer, token_mask=None):
         super().__init__(base_layer, router, mixer, token_mask)
         self.omoe_experts = experts
+        experts.float32_up = mixer.orthogonal
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)  # (..., out)
@@ -132,12 +134,47 @@ class MoELinear(MoELayer):
         return y + self.mix(reps, routing, all_reps).view(y.shape).to(y.dtype)
 
 
+def hidden_delta(act, g0, u0, dg, du) -> torch.Tensor:
+    """Each slot's change of the gated hidden, ``act(g0 + dg) * (u0 + du) - act(g0) * u0``, in float32.
+
+    Formed from the adapters' deltas, never as the difference of the two hidden products:
+    ``(act(g0 + dg) - act(g0)) * (u0 + du) + act(g0) * du``. The one remaining difference,
+    ``act(g0 + dg) - act(g0)``, is taken in float32 from the upcast ``g0``, so its error is float32's
+    relative to ``act(g0)``, not the model dtype's; it is exactly 0 where ``dg`` is.
+
+    Args:
+        act: the MLP's activation.
+        g0, u0: ``(N, I)`` frozen gate and up outputs.
+        dg, du: ``(S, N, I)`` the gate and up experts' deltas, or None (projection not adapted).
+
+    Returns:
+        ``(S, N, I)`` float32 (float64 for float64 input).
+    """
+    dtype = torch.promote_types(g0.dtype, torch.float32)
+    slots = (dg if dg is not None else du).shape[0]
+    # act(g0) per slot, not once: its backward then mirrors act(g0 + dg)'s slot by slot, and the two
+    # gradients reaching g0 cancel exactly where dg = 0 (a sum over slots first would round apart).
+    g0 = g0.to(dtype).expand(slots, *g0.shape)  # (S, N, I)
+    u0 = u0.to(dtype)
+    a0 = act(g0)  # (S, N, I)
+    if dg is None:
+        return a0 * du.to(dtype)
+    da = act(g0 + dg.to(dtype)) - a0  # (S, N, I)
+    if du is None:
+        return da * u0
+    du = du.to(dtype)
+    return da * (u0 + du) + a0 * du
+
+
 class MoEFeedForward(MoELayer):
     """``ffn`` topology (the paper's; MixLoRA layout): one router per block, ``k`` experts that are
     each a LoRA on gate, up and down sharing the frozen weights.
 
-    ``E_s(x) = FFN_s(x) - FFN_0(x)``, with ``FFN(x) = down(act(gate(x)) * up(x))``. ``base_layer``
-    is the original MLP module; any of ``gate``/``up``/``down`` experts may be None (not adapted).
+    ``E_s(x) = FFN_s(x) - FFN_0(x)``, with ``FFN(x) = down(act(gate(x)) * up(x))``, computed from the
+    experts' own deltas (docs/method.md, "Numerics"):
+    ``E_s = W_down dh_s + (down expert s)(h0 + dh_s)``, ``dh_s`` from :func:`hidden_delta`.
+    ``base_layer`` is the original MLP module; any of ``gate``/``up``/``down`` experts may be None
+    (not adapted).
     """
 
     def __init__(
@@ -145,41 +182,44 @@ class MoEFeedForward(MoELayer):
     ):
         super().__init__(base_layer, router, mixer, token_mask)
         self.omoe_experts = nn.ModuleDict({k: v for k, v in experts.items() if v is not None})
+        for e in self.omoe_experts.values():
+            e.float32_up = mixer.orthogonal
 
-    def _hidden(self, x: torch.Tensor, indices, g0: torch.Tensor, u0: torch.Tensor):
-        """Frozen hidden ``h0 = act(g0) * u0``, ``(N, I)``, and each slot's hidden ``(S, N, I)``."""
+    def _hidden_delta(self, x: torch.Tensor, indices, g0: torch.Tensor, u0: torch.Tensor):
+        """Each slot's hidden change ``dh_s``, ``(S, N, I)`` float32; None when neither gate nor up
+        is adapted (every slot's hidden is the frozen one)."""
         adapted = [self.omoe_experts[p] for p in ("gate", "up") if p in self.omoe_experts]
-        if torch.is_grad_enabled() and adapted and not any(e.is_dora for e in adapted):
+        if not adapted:
+            return None
+        if torch.is_grad_enabled() and not any(e.is_dora for e in adapted):
             # Keep only the low-rank codes z = A dropout(x), (S, N, r), and recompute the (S, N, I)
-            # gate/up outputs and the activation in backward: the hidden then costs about as much
-            # memory as plain LoRA's instead of 3 (S, N, I) tensors per slot.
+            # gate/up deltas and the activation in backward: the hidden then costs about as much
+            # memory as plain LoRA's instead of several (S, N, I) tensors per slot.
             zg, zu = (
                 self.omoe_experts[p].down(self.omoe_experts[p].dropout(x), indices)
                 if p in self.omoe_experts
                 else None
                 for p in ("gate", "up")
             )
-            return checkpoint(self._hidden_from_codes, g0, u0, zg, zu, indices, use_reentrant=False)
-        act = self.base_layer.act_fn
-        g, u = (self._adapted(p, x, indices, base) for p, base in (("gate", g0), ("up", u0)))
-        return act(g0) * u0, act(g) * u
+            return checkpoint(self._hidden_delta_from_codes, g0, u0, zg, zu, indices, use_reentrant=False)
+        dg, du = (self._projection_delta(p, x, indices, base) for p, base in (("gate", g0), ("up", u0)))
+        return hidden_delta(self.base_layer.act_fn, g0, u0, dg, du)
 
-    def _hidden_from_codes(self, g0, u0, zg, zu, indices):
-        act = self.base_layer.act_fn
-        g = g0 if zg is None else g0 + self.omoe_experts["gate"].up(zg, indices).to(g0.dtype)
-        u = u0 if zu is None else u0 + self.omoe_experts["up"].up(zu, indices).to(u0.dtype)
-        return act(g0) * u0, act(g) * u
+    def _hidden_delta_from_codes(self, g0, u0, zg, zu, indices):
+        dg = None if zg is None else self.omoe_experts["gate"].up(zg, indices)  # (S, N, I)
+        du = None if zu is None else self.omoe_experts["up"].up(zu, indices)
+        return hidden_delta(self.base_layer.act_fn, g0, u0, dg, du)
 
-    def _adapted(self, name: str, x, indices, base_out):
-        """Per-slot output ``(S, N, I)`` of the gate or up projection (the frozen one if not adapted)."""
+    def _projection_delta(self, name: str, x, indices, base_out):
+        """Per-slot delta ``(S, N, I)`` of the gate or up projection's experts, or None if not adapted."""
         if name not in self.omoe_experts:
-            return base_out
+            return None
         linear = getattr(self.base_layer, f"{name}_proj")
         experts = self.omoe_experts[name]
         raw = base_out
         if experts.is_dora and linear.bias is not None:
             raw = base_out - linear.bias
-        return base_out + experts(x, indices, raw, linear)
+        return experts(x, indices, raw, linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mlp = self.base_layer
@@ -190,37 +230,79 @@ class MoEFeedForward(MoELayer):
         routing = self.route(x2)
         w, idx = routing.weights, routing.indices  # (S, N)
         g0, u0 = mlp.gate_proj(x2), mlp.up_proj(x2)  # (N, I) each
-        h0, h = self._hidden(x2, idx, g0, u0)  # (N, I), (S, N, I)
-        if h.dim() == 2:  # neither gate nor up adapted: every slot shares the frozen hidden
-            h = h.expand(w.shape[0], *h.shape)
+        h0 = mlp.act_fn(g0) * u0  # (N, I), the frozen hidden exactly as the base MLP forms it
+        dh = self._hidden_delta(x2, idx, g0, u0)  # (S, N, I) or None
 
         down_experts = self.omoe_experts["down"] if "down" in self.omoe_experts else None  # noqa: SIM401 (ModuleDict)
         if not (self.mixer.orthogonal or self.capture or (down_experts is not None and down_experts.is_dora)):
             # Vanilla LoRA experts: mixing is linear and commutes with the frozen down projection,
-            # sum_s w_s (down(h_s) - down(h0)) = down(sum_s w_s (h_s - h0)) (no bias: it cancels),
+            # sum_s w_s E_s = down(h0 + sum_s w_s dh_s) - down(h0) + sum_s w_s (down expert s)(h_s),
             # so one down matmul replaces S of them (same result as the explicit form below).
-            wd = w.to(h.dtype)
-            h_mix = h0 + torch.einsum("sn,sni->ni", wd, h - h0)  # (N, I)
-            out = mlp.down_proj(h_mix)
+            h_mix = h0 if dh is None else (h0 + torch.einsum("sn,sni->ni", w.to(dh.dtype), dh)).to(h0.dtype)
+            out = mlp.down_proj(h_mix)  # (N, H)
             if down_experts is not None:
-                out = out + torch.einsum("sn,snd->nd", wd, down_experts(h, idx)).to(out.dtype)
+                h = h0 if dh is None else h0 + dh  # (N, I) shared, or (S, N, I)
+                out = out + torch.einsum("sn,snd->nd", w.to(out.dtype), down_experts(h, idx)).to(out.dtype)
             return out.view(*shape[:-1], -1)
 
         d0 = mlp.down_proj(h0)  # FFN_0(x), (N, H)
-        reps = self._representations(h, idx, d0)  # (S, N, H)
+        reps = self._representations(h0, dh, idx, d0, w.shape[0])  # (S, N, H)
         all_reps = None
         if self.wants_all_experts(routing):  # every expert on every token, for analysis
-            _, h_all = self._hidden(x2, None, g0, u0)
-            if h_all.dim() == 2:
-                h_all = h_all.expand(self.omoe_router.num_experts, *h_all.shape)
-            all_reps = self._representations(h_all, None, d0)  # (E, N, H)
+            dh_all = self._hidden_delta(x2, None, g0, u0)
+            all_reps = self._representations(h0, dh_all, None, d0, self.omoe_router.num_experts)  # (E, N, H)
         return (d0 + self.mix(reps, routing, all_reps).to(d0.dtype)).view(*shape[:-1], -1)
 
-    def _representations(self, h: torch.Tensor, idx, d0: torch.Tensor) -> torch.Tensor:
-        """``E_s(x) = FFN_s(x) - FFN_0(x)`` per slot, ``(S, N, H)``, from the slots' hidden ``(S, N, I)``."""
+    def _representations(self, h0, dh, idx, d0: torch.Tensor, slots: int) -> torch.Tensor:
+        """``E_s(x) = FFN_s(x) - FFN_0(x) = W_down dh_s + (down expert s)(h0 + dh_s)`` per slot, ``(S, N, H)``.
+
+        h0: ``(N, I)`` frozen hidden; dh: ``(S, N, I)`` hidden changes or None; d0: ``(N, H)`` FFN_0(x).
+        Exactly zero for untrained experts: no term is a difference of two full products.
+        """
         down = self.base_layer.down_proj
-        dh = _frozen_matmul(down, h)  # (S, N, H), no bias
-        reps = dh - (d0 if down.bias is None else d0 - down.bias)  # frozen part of E_s(x)
+        reps = None if dh is None else _frozen_down(down, dh, h0.dtype)  # (S, N, H) W_down dh_s, no bias
         if "down" in self.omoe_experts:
-            reps = reps + self.omoe_experts["down"](h, idx, dh, down)
+            experts = self.omoe_experts["down"]
+            base_out = None
+            if experts.is_dora:  # W_down h_s, the frozen output the magnitude rescales
+                d0_raw = d0 if down.bias is None else d0 - down.bias
+                base_out = d0_raw if reps is None else d0_raw + reps
+            h = h0 if dh is None else h0 + dh  # (N, I) shared by the slots, or (S, N, I)
+            delta = experts(h, idx, base_out, down)  # (S, N, H)
+            reps = delta if reps is None else reps + delta
+        if reps is None:  # no projection adapted: nothing to add
+            reps = d0.new_zeros(slots, *d0.shape)
         return reps
+
+
+def _frozen_down(down: nn.Module, dh: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``W_down dh`` without bias, ``(S, N, H)``; dh float32, computed in the model's ``dtype``.
+
+    In float16 (autocast or a float16 model) and training, through :class:`_Float16FrozenLinear`:
+    Gram-Schmidt's gradient at ``E_s = 0`` is ``1/eps`` times LoRA's and would overflow float16
+    in this matmul's backward.
+    """
+    in_float16 = autocast_float16(dh.device.type) or (dtype == down.weight.dtype == torch.float16)
+    if in_float16 and torch.is_grad_enabled() and dh.requires_grad:
+        return _Float16FrozenLinear.apply(dh, down.weight)
+    return _frozen_matmul(down, dh.to(dtype))
+
+
+class _Float16FrozenLinear(torch.autograd.Function):
+    """``x W^T`` in float16 for a frozen ``W``, float32 in and out. The backward scales the incoming
+    gradient by a power of two (exact) so that its largest entry lies in (1/2, 1], which float16
+    holds with room for the matmul's sums, and undoes the scale in float32."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.to(torch.float16), weight.to(torch.float16)).float()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        scale = torch.exp2(-torch.ceil(torch.log2(grad.abs().amax().float().clamp_min(2.0**-64))))
+        with torch.autocast(grad.device.type, enabled=False):
+            g = F.linear((grad * scale).to(torch.float16), weight.to(torch.float16).t())  # (.., in)
+        return g.float() / scale, None
