@@ -1,5 +1,5 @@
-"""Print a Markdown table of the bundled files: records, answer counts, tokenised lengths in both
-prompt formats.
+"""Print Markdown tables of the bundled files: records, answer counts, tokenised lengths in both
+prompt formats; and the sizes of the train/val splits.
 
 Run ``python -m omoe.data.stats`` (uses the SmolLM2 tokenizer for the length columns); the table in
 ``docs/data.md`` is this command's output.
@@ -12,7 +12,7 @@ import statistics
 from collections import Counter
 
 from omoe.data.loader import load_task
-from omoe.data.tasks import FULL_TRAIN_SPLIT, TASKS
+from omoe.data.tasks import FULL_TRAIN_SPLIT, TASKS, VAL_SPLIT
 from omoe.data.tokenize import tokenize_dataset
 
 
@@ -38,6 +38,18 @@ def stats_table(tokenizer) -> str:
     return "\n".join(lines)
 
 
+def splits_table() -> str:
+    """Records per split of each train file: ``train`` + ``val`` (+ duplicates of val questions left
+    out of train) = ``train+val``."""
+    lines = ["| task | train | val | train+val | left out of train (duplicates of a val question) |",
+             "|---|---:|---:|---:|---:|"]  # fmt: skip
+    for name, task in TASKS.items():
+        if "train" in task.files:
+            train, val, whole = (len(load_task(task, s)) for s in ("train", VAL_SPLIT, FULL_TRAIN_SPLIT))
+            lines.append(f"| {name} | {train} | {val} | {whole} | {whole - train - val} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -51,6 +63,8 @@ def main() -> None:
         "moe-peft = prompt + label token.\n"
     )
     print(stats_table(load_tokenizer(args.model)))
+    print("\nSplits of the train files (`val`: min(500, 10%) of the file, seed 0):\n")
+    print(splits_table())
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Evaluation on the commonsense tasks with three protocols whose numbers are not comparable.
 
-- ``generate``: LLM-Adapters (greedy generation + first regex match), what the OMoE paper reports;
-- ``label``: next-token logits of the task's label tokens (MoE-PEFT / MixLoRA);
+- ``generate``: LLM-Adapters (greedy generation + first regex match), on the alpaca prompt;
+- ``label``: next-token logits of the task's label tokens (MoE-PEFT / MixLoRA); with the moe-peft
+  prompt format, the protocol of the OMoE paper's numbers;
 - ``loglik``: summed log-likelihood of each choice text (lm-eval), with ``acc`` and ``acc_norm``.
 
 See ``docs/evaluation.md``.

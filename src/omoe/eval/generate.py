@@ -1,4 +1,4 @@
-"""``generate`` protocol (LLM-Adapters, the numbers the OMoE paper reports).
+"""``generate`` protocol (LLM-Adapters'; the OMoE paper's numbers are ``label`` on the moe-peft prompt).
 
 The prompt is the Alpaca template with an empty response. The model decodes greedily (or with beam
 search) for at most ``max_new_tokens`` tokens; the task's regex is applied to the new text and its
