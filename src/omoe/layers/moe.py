@@ -134,36 +134,38 @@ class MoELinear(MoELayer):
         return y + self.mix(reps, routing, all_reps).view(y.shape).to(y.dtype)
 
 
-def hidden_delta(act, g0, u0, dg, du) -> torch.Tensor:
-    """Each slot's change of the gated hidden, ``act(g0 + dg) * (u0 + du) - act(g0) * u0``, in float32.
+def hidden_delta(act, g0, u0, dg, du, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Each slot's change of the gated hidden, ``act(g0 + dg) * (u0 + du) - act(g0) * u0``.
 
     Formed from the adapters' deltas, never as the difference of the two hidden products:
-    ``(act(g0 + dg) - act(g0)) * (u0 + du) + act(g0) * du``. The one remaining difference,
-    ``act(g0 + dg) - act(g0)``, is taken in float32 from the upcast ``g0``, so its error is float32's
-    relative to ``act(g0)``, not the model dtype's; it is exactly 0 where ``dg`` is.
+    ``(act(g0 + dg) - act(g0)) * u0 + act(g0 + dg) * du``. The one remaining difference,
+    ``act(g0 + dg) - act(g0)``, is taken in float32 (at least) from the upcast ``g0``: its error is
+    float32's relative to ``act(g0)``, not the model dtype's, and it is exactly 0 where ``dg`` is.
+    The products are of small quantities with frozen values, so ``dtype`` keeps them to its own
+    relative precision.
 
     Args:
         act: the MLP's activation.
         g0, u0: ``(N, I)`` frozen gate and up outputs.
         dg, du: ``(S, N, I)`` the gate and up experts' deltas, or None (projection not adapted).
+        dtype: dtype of the result and of the products (default: that of ``g0``).
 
     Returns:
-        ``(S, N, I)`` float32 (float64 for float64 input).
+        ``(S, N, I)``.
     """
-    dtype = torch.promote_types(g0.dtype, torch.float32)
-    slots = (dg if dg is not None else du).shape[0]
-    # act(g0) per slot, not once: its backward then mirrors act(g0 + dg)'s slot by slot, and the two
-    # gradients reaching g0 cancel exactly where dg = 0 (a sum over slots first would round apart).
-    g0 = g0.to(dtype).expand(slots, *g0.shape)  # (S, N, I)
-    u0 = u0.to(dtype)
-    a0 = act(g0)  # (S, N, I)
+    dtype = dtype or g0.dtype
     if dg is None:
-        return a0 * du.to(dtype)
-    da = act(g0 + dg.to(dtype)) - a0  # (S, N, I)
+        return act(g0).to(dtype) * du.to(dtype)
+    wide = torch.promote_types(g0.dtype, torch.float32)
+    # act(g0) per slot, on a contiguous copy, not once: both activations then run the same kernel
+    # on the same layout, so act(g0 + 0) equals act(g0) bit for bit, and in backward the two
+    # gradients reaching g0 cancel exactly where dg = 0 (a sum over slots first would round apart).
+    g0w = g0.to(wide).expand(dg.shape[0], *g0.shape).contiguous()  # (S, N, I)
+    a1 = act(g0w + dg)  # (S, N, I)
+    da = (a1 - act(g0w)).to(dtype)
     if du is None:
-        return da * u0
-    du = du.to(dtype)
-    return da * (u0 + du) + a0 * du
+        return da * u0.to(dtype)
+    return torch.addcmul(da * u0.to(dtype), a1.to(dtype), du.to(dtype))
 
 
 class MoEFeedForward(MoELayer):
@@ -185,12 +187,17 @@ class MoEFeedForward(MoELayer):
         for e in self.omoe_experts.values():
             e.float32_up = mixer.orthogonal
 
-    def _hidden_delta(self, x: torch.Tensor, indices, g0: torch.Tensor, u0: torch.Tensor):
-        """Each slot's hidden change ``dh_s``, ``(S, N, I)`` float32; None when neither gate nor up
-        is adapted (every slot's hidden is the frozen one)."""
+    def _hidden(self, x: torch.Tensor, indices, g0: torch.Tensor, u0: torch.Tensor):
+        """Frozen hidden ``h0 = act(g0) * u0``, ``(N, I)``, and each slot's change of it ``dh_s``,
+        ``(S, N, I)``, or None when neither gate nor up is adapted (every slot's hidden is ``h0``).
+
+        ``dh`` has the dtype of ``h0``, or float32 when that is float16 in training: there the
+        Gram-Schmidt gradient it carries back at B = 0 (``1/eps`` times LoRA's) needs float32's range.
+        """
         adapted = [self.omoe_experts[p] for p in ("gate", "up") if p in self.omoe_experts]
+        act = self.base_layer.act_fn
         if not adapted:
-            return None
+            return act(g0) * u0, None
         if torch.is_grad_enabled() and not any(e.is_dora for e in adapted):
             # Keep only the low-rank codes z = A dropout(x), (S, N, r), and recompute the (S, N, I)
             # gate/up deltas and the activation in backward: the hidden then costs about as much
@@ -201,14 +208,20 @@ class MoEFeedForward(MoELayer):
                 else None
                 for p in ("gate", "up")
             )
-            return checkpoint(self._hidden_delta_from_codes, g0, u0, zg, zu, indices, use_reentrant=False)
+            return checkpoint(self._hidden_from_codes, g0, u0, zg, zu, indices, use_reentrant=False)
         dg, du = (self._projection_delta(p, x, indices, base) for p, base in (("gate", g0), ("up", u0)))
-        return hidden_delta(self.base_layer.act_fn, g0, u0, dg, du)
+        return act(g0) * u0, hidden_delta(act, g0, u0, dg, du, self._delta_dtype(g0))
 
-    def _hidden_delta_from_codes(self, g0, u0, zg, zu, indices):
+    def _hidden_from_codes(self, g0, u0, zg, zu, indices):
+        act = self.base_layer.act_fn
         dg = None if zg is None else self.omoe_experts["gate"].up(zg, indices)  # (S, N, I)
         du = None if zu is None else self.omoe_experts["up"].up(zu, indices)
-        return hidden_delta(self.base_layer.act_fn, g0, u0, dg, du)
+        return act(g0) * u0, hidden_delta(act, g0, u0, dg, du, self._delta_dtype(g0))
+
+    def _delta_dtype(self, g0: torch.Tensor) -> torch.dtype:
+        if g0.dtype == torch.float16 and self.mixer.orthogonal and torch.is_grad_enabled():
+            return torch.float32
+        return g0.dtype
 
     def _projection_delta(self, name: str, x, indices, base_out):
         """Per-slot delta ``(S, N, I)`` of the gate or up projection's experts, or None if not adapted."""
@@ -230,8 +243,7 @@ class MoEFeedForward(MoELayer):
         routing = self.route(x2)
         w, idx = routing.weights, routing.indices  # (S, N)
         g0, u0 = mlp.gate_proj(x2), mlp.up_proj(x2)  # (N, I) each
-        h0 = mlp.act_fn(g0) * u0  # (N, I), the frozen hidden exactly as the base MLP forms it
-        dh = self._hidden_delta(x2, idx, g0, u0)  # (S, N, I) or None
+        h0, dh = self._hidden(x2, idx, g0, u0)  # (N, I) as the base MLP forms it; (S, N, I) or None
 
         down_experts = self.omoe_experts["down"] if "down" in self.omoe_experts else None  # noqa: SIM401 (ModuleDict)
         if not (self.mixer.orthogonal or self.capture or (down_experts is not None and down_experts.is_dora)):
@@ -249,7 +261,7 @@ class MoEFeedForward(MoELayer):
         reps = self._representations(h0, dh, idx, d0, w.shape[0])  # (S, N, H)
         all_reps = None
         if self.wants_all_experts(routing):  # every expert on every token, for analysis
-            dh_all = self._hidden_delta(x2, None, g0, u0)
+            _, dh_all = self._hidden(x2, None, g0, u0)
             all_reps = self._representations(h0, dh_all, None, d0, self.omoe_router.num_experts)  # (E, N, H)
         return (d0 + self.mix(reps, routing, all_reps).to(d0.dtype)).view(*shape[:-1], -1)
 
