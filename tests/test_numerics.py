@@ -38,6 +38,16 @@ AUTOCAST = {"float32": None, "bfloat16": torch.bfloat16}
 TOKEN_COUNTS = range(1, 18)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_cpu_thread():
+    """Hundreds of forwards of a tiny model: with a busy CPU, a second intra-op thread costs more
+    in synchronisation than it gains."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny_base():
     return tiny_llama(seed=0, vocab_size=128)
