@@ -126,7 +126,8 @@ def train_run(base, tokenizer, task, train, val, method, lr, args, device, dtype
             curve.append(point)
             print(
                 f"  {task.name:14s} {method:7s} lr {lr:g} step {step:4d}: val acc {point['acc']:.3f} "
-                f"top {point['top_share']:.2f} gold lp {point['gold_logprob']:.3f} loss {point['train_loss']:.3f}",
+                f"top {point['top_share']:.2f} gold lp {point['gold_logprob']:.3f} loss {point['train_loss']:.3f} "
+                f"({(time.time() - start) / step:.2f} s/step)",
                 flush=True,
             )
     seconds = time.time() - start
@@ -162,6 +163,8 @@ def main() -> None:
         if m not in METHODS:
             sys.exit(f"pilot: unknown method {m!r}; allowed: {', '.join(METHODS)}")
     device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_flush_denormal(True)  # as omoe's trainer: denormals make CPU matmuls many times slower
     dtype = torch.bfloat16 if args.precision == "bf16" else None
     base, tokenizer = load_model(device=device)
     for param in base.parameters():
