@@ -31,12 +31,7 @@ class BeforeMoEFeedForward(MoEFeedForward):
     def _hidden(self, x, indices, g0, u0):
         adapted = [self.omoe_experts[p] for p in ("gate", "up") if p in self.omoe_experts]
         if torch.is_grad_enabled() and adapted and not any(e.is_dora for e in adapted):
-            zg, zu = (
-                self.omoe_experts[p].down(self.omoe_experts[p].dropout(x), indices)
-                if p in self.omoe_experts
-                else None
-                for p in ("gate", "up")
-            )
+            zg, zu = self._low_rank_codes(x, indices)
             return checkpoint(self._hidden_from_codes, g0, u0, zg, zu, indices, use_reentrant=False)
         act = self.base_layer.act_fn
         g, u = (

@@ -202,15 +202,17 @@ class MoEFeedForward(MoELayer):
             # Keep only the low-rank codes z = A dropout(x), (S, N, r), and recompute the (S, N, I)
             # gate/up deltas and the activation in backward: the hidden then costs about as much
             # memory as plain LoRA's instead of several (S, N, I) tensors per slot.
-            zg, zu = (
-                self.omoe_experts[p].down(self.omoe_experts[p].dropout(x), indices)
-                if p in self.omoe_experts
-                else None
-                for p in ("gate", "up")
-            )
+            zg, zu = self._low_rank_codes(x, indices)
             return checkpoint(self._hidden_from_codes, g0, u0, zg, zu, indices, use_reentrant=False)
         dg, du = (self._projection_delta(p, x, indices, base) for p, base in (("gate", g0), ("up", u0)))
         return act(g0) * u0, hidden_delta(act, g0, u0, dg, du, self._delta_dtype(g0))
+
+    def _low_rank_codes(self, x: torch.Tensor, indices):
+        """``A dropout(x)`` of the gate and up experts, ``(S, N, r)`` each (None where not adapted)."""
+        return tuple(
+            self.omoe_experts[p].down(self.omoe_experts[p].dropout(x), indices) if p in self.omoe_experts else None
+            for p in ("gate", "up")
+        )
 
     def _hidden_from_codes(self, g0, u0, zg, zu, indices):
         act = self.base_layer.act_fn
