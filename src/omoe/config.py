@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from omoe.errors import ConfigError
+from omoe.utils import json_text
 
 METHODS = ("lora", "dora", "moe", "omoe")
 TOPOLOGIES = ("ffn", "linear")
@@ -168,7 +169,7 @@ class OMoEConfig:
 
     def save_pretrained(self, directory: str | Path, **extra) -> None:
         path = Path(directory) / CONFIG_NAME
-        path.write_text(json.dumps({**self.to_dict(), **extra}, indent=2) + "\n")
+        path.write_text(json_text({**self.to_dict(), **extra}, indent=2) + "\n")
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> OMoEConfig:

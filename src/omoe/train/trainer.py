@@ -18,7 +18,6 @@ not depend on the number of processes or on where a run was resumed.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import sys
 import time
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from omoe.data.tokenize import IGNORE_INDEX
-from omoe.errors import ConfigError, OMoEError
+from omoe.errors import ConfigError, NonFiniteError
 from omoe.models.logits import selected_logits
 from omoe.models.precision import autocast_dtype, precision_name
 from omoe.train import checkpoint as ckpt
@@ -38,7 +37,7 @@ from omoe.train import distributed, fsdp
 from omoe.train.config import ORTHOGONAL_FSDP, TrainConfig
 from omoe.train.data import TrainData, build_train_data, load_training_records
 from omoe.train.metrics import MetricsLogger
-from omoe.utils import atomic_write_text
+from omoe.utils import atomic_write_text, json_text
 
 CONFIG_FILE = "train_config.yaml"
 RESULTS_FILE = "train_results.json"
@@ -178,7 +177,7 @@ def _train(config: TrainConfig, info: distributed.DistInfo, model, tokenizer, re
         _enable_checkpointing(model.base_model)
     state, saved = None, None
     if resume_from is not None:  # adapter weights go in before any sharding
-        state, saved = ckpt.load_checkpoint(resume_from, model)
+        resume_from, state, saved = ckpt.load_latest_checkpoint(out, model, say)  # skips a damaged one
         _check_resumable(saved, config, resume_from)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     distributed.broadcast_parameters([p for _, p in named], info)
@@ -261,23 +260,31 @@ def _train(config: TrainConfig, info: distributed.DistInfo, model, tokenizer, re
                 distributed.all_reduce_gradients(params, info)
             scaler.unscale_(optimizer)
             grad_norm = fsdp.full(torch.nn.utils.clip_grad_norm_(params, o.max_grad_norm or float("inf")))
+            lm_sum, aux_sum = distributed.all_reduce_sum([lm_sum, aux_sum], info, device)
+            loss = lm_sum / max(1, data.batch_loss_tokens(step))
+            problem = non_finite_step(loss, float(grad_norm), scaler.is_enabled())
+            if problem is not None:  # before the update: the model still holds the last good state
+                kept = _keep_last_good(out, step, history, model, names, optimizer, scheduler, scaler, data,
+                                       config, info, sharded)  # fmt: skip
+                raise NonFiniteError(
+                    f"{problem} at step {step + 1}; {kept} (lower optim.lr, or train in fp32)"
+                )
             lr = scheduler.get_last_lr()[0]
             scaler.step(optimizer)
             scaler.update()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
-            lm_sum, aux_sum = distributed.all_reduce_sum([lm_sum, aux_sum], info, device)
             step_tokens = data.batch_tokens(step)
             tokens_seen += step_tokens
             seconds = time.perf_counter() - t0
             row = {
                 "step": step + 1,
                 "epoch": round((step + 1) / data.steps_per_epoch, 4),
-                "loss": lm_sum / max(1, data.batch_loss_tokens(step)),
+                "loss": loss,
                 "aux_loss": aux_sum / data.num_micro_batches(step) if config.adapter.is_moe else None,
                 "lr": lr,
-                "grad_norm": float(grad_norm),
+                "grad_norm": float(grad_norm) if math.isfinite(grad_norm) else None,  # None: fp16 skip
                 "tokens": tokens_seen,
                 "tokens_per_s": step_tokens / seconds,
                 "elapsed_s": round(elapsed0 + time.perf_counter() - clock, 3),
@@ -287,8 +294,6 @@ def _train(config: TrainConfig, info: distributed.DistInfo, model, tokenizer, re
             bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
             if logger is not None and ((step + 1) % config.logging.log_every == 0 or step + 1 == total_steps):
                 logger.log(row)
-            if not math.isfinite(row["loss"]):
-                raise OMoEError(f"the loss became {row['loss']} at step {step + 1}; lower optim.lr")
             if config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
                 _save(
                     out,
@@ -330,10 +335,36 @@ def _train(config: TrainConfig, info: distributed.DistInfo, model, tokenizer, re
             "tokens": tokens_seen,
             "resumed_from": str(resume_from) if resume_from else None,
         }
-        atomic_write_text(out / RESULTS_FILE, json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(out / RESULTS_FILE, json_text(summary, indent=2) + "\n")
         say(f"wrote the adapter, {CONFIG_FILE}, metrics.jsonl/.csv and {RESULTS_FILE} to {out}")
     distributed.barrier(info)
     return TrainResult(model, out, total_steps, len(data.examples), data.num_truncated, history)
+
+
+def non_finite_step(loss: float, grad_norm: float, grad_scaling: bool) -> str | None:
+    """What makes an optimizer step unusable, or None. Under fp16 grad scaling an infinite or NaN
+    gradient norm is the scaler's overflow signal: it skips that step and lowers its scale, so it
+    is not an error; a non-finite loss always is."""
+    if not math.isfinite(loss):
+        return f"the loss is {loss}"
+    if not math.isfinite(grad_norm) and not grad_scaling:
+        return f"the gradient norm is {grad_norm} (the loss was {loss:.4f})"
+    return None
+
+
+def _keep_last_good(
+    out, step, history, model, names, optimizer, scheduler, scaler, data, config, info, sharded
+):
+    """After a non-finite step ``step + 1`` and before its update: make sure a checkpoint of the last
+    good step exists (write it now if the schedule did not), and say where it is."""
+    latest = ckpt.latest_checkpoint(out)
+    if history and (latest is None or latest.name != f"step-{step:08d}"):
+        _save(out, step, model, names, optimizer, scheduler, scaler, data, config, info, history[-1], sharded)
+        distributed.barrier(info)
+        latest = ckpt.latest_checkpoint(out)
+    if latest is None:
+        return "no step before it finished, so no checkpoint was kept"
+    return f"the last good state is checkpoint {latest}"
 
 
 def _accumulate(model, data: TrainData, step, info, pad_id, autocast, coef, scaler, seed, is_moe, sharded):

@@ -41,20 +41,34 @@ class OMoEModel(nn.Module):
         self._token_mask = inject_adapters(model, config)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, *args, **kwargs):
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs,
+    ):
         """The wrapped model's forward; with ``labels`` and a non-zero ``router_aux_loss_coef`` the
-        returned ``loss`` includes ``coef * aux_loss``, and ``outputs.aux_loss`` holds the raw loss (mean over layers)."""
-        mask = kwargs.get("attention_mask")
-        self._token_mask.mask = None if mask is None else mask.reshape(-1).bool()
+        returned ``loss`` includes ``coef * aux_loss``, and ``outputs.aux_loss`` holds the raw loss (mean over layers).
+
+        The inputs are named, as in PEFT's ``PeftModelForCausalLM``, so that ``transformers.Trainer``
+        keeps those dataset columns. Under Trainer's gradient accumulation (``num_items_in_batch`` =
+        supervised tokens of the whole accumulated batch) the aux term is weighted by this micro-batch's
+        share of those tokens, so the accumulated sum is the token-weighted mean, not ``accum`` times it.
+        """
+        self._token_mask.mask = None if attention_mask is None else attention_mask.reshape(-1).bool()
         try:
-            outputs = self.base_model(*args, **kwargs)
+            named = dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, labels=labels)
+            outputs = self.base_model(**{k: v for k, v in named.items() if v is not None}, **kwargs)
         finally:
             self._token_mask.mask = None
         coef = self.omoe_config.router_aux_loss_coef
         if self.omoe_config.is_moe and getattr(outputs, "loss", None) is not None and coef > 0:
             aux = self.aux_loss()
             outputs["aux_loss"] = aux
-            outputs["loss"] = outputs.loss + coef * aux
+            share = aux_token_share(labels, kwargs.get("num_items_in_batch"))
+            outputs["loss"] = outputs.loss + coef * (aux if share is None else aux * share)
         return outputs
 
     def generate(self, *args, **kwargs):
@@ -196,7 +210,8 @@ class OMoEModel(nn.Module):
         return wrapped
 
     def load_adapter_state_dict(self, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
-        """Copy adapter tensors in, after checking names and shapes; the error names the tensor."""
+        """Copy adapter tensors in, after checking names, shapes and that every value is finite; the
+        error names the tensor (and ``source``, the file)."""
         own = self.adapter_state_dict()
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
@@ -211,6 +226,12 @@ class OMoEModel(nn.Module):
                 raise AdapterLoadError(
                     f"adapter {source} does not fit this model: tensor {key!r} has shape {tuple(value.shape)}, "
                     f"the model expects {tuple(own[key].shape)}"
+                )
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                bad = int((~torch.isfinite(value)).sum())
+                raise AdapterLoadError(
+                    f"adapter {source}: tensor {key!r} holds {bad} non-finite value(s) (NaN or inf) of "
+                    f"{value.numel()}; refusing to load it (retrain, or take an earlier checkpoint)"
                 )
         params = dict(self.base_model.named_parameters())
         with torch.no_grad():
@@ -249,6 +270,14 @@ class OMoEModel(nn.Module):
             with torch.no_grad():
                 module.base_layer.weight.copy_(module.merged_weight())
         return self.unload()
+
+
+def aux_token_share(labels: torch.Tensor | None, num_items: torch.Tensor | int | None) -> torch.Tensor | None:
+    """This micro-batch's supervised tokens over ``num_items`` (Trainer's count over the accumulated
+    batch, taken on ``labels[..., 1:]``), or None when Trainer gave no count."""
+    if labels is None or num_items is None:
+        return None
+    return (labels[..., 1:] != -100).sum() / torch.as_tensor(num_items, device=labels.device).clamp_min(1)
 
 
 def get_omoe_model(model: nn.Module, config: OMoEConfig | None = None) -> OMoEModel:
