@@ -149,7 +149,7 @@ def main() -> None:
             out["first_steps"][f"{name}/clip={clip}"] = first_steps(cfg, clip)
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1) + "\n")
+    path.write_text(json.dumps(out, indent=1, allow_nan=False) + "\n")
     for key, value in out["fidelity"].items():
         print(
             f"fidelity {key}: |E|/|FFN0| {value['relative_size']:.2g}, cos median {value['cos_median']:.5f}"

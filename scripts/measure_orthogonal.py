@@ -349,7 +349,7 @@ def main() -> int:
             "step_s": times,
             "final_loss": json.loads((run_dir / "train_results.json").read_text())["final_loss"],
         }
-        print(json.dumps({name: {k: v for k, v in runs[name].items() if k != "step_s"}}, default=str)[:400])
+        print(json.dumps({name: {k: v for k, v in runs[name].items() if k != "step_s"}}, default=str, allow_nan=False)[:400])
     results = {
         "overhead": step_overhead(texts, args.overhead_rounds, batch=4),
         "overhead_command": "python scripts/measure_orthogonal.py " + " ".join(sys.argv[1:]),
@@ -372,7 +372,7 @@ def main() -> int:
         "runs": runs,
         "projector_memory_mib": projector_memory(),
     }
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.json").write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
     (out / "results.md").write_text(markdown(results))
     print(markdown(results))
     return 0

@@ -23,7 +23,6 @@ Memory is reported two ways:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -38,6 +37,7 @@ from omoe import OMoEConfig, get_omoe_model
 from omoe.data.tokenize import IGNORE_INDEX
 from omoe.models.logits import logits_only_at
 from omoe.models.precision import PRECISIONS, autocast, autocast_dtype, precision_name
+from omoe.utils import json_text
 
 PRESETS = {
     # A LLaMA small enough for 2 CPU cores; the same family and layout as LLaMA-2.
@@ -617,7 +617,7 @@ def main_from_args(args: argparse.Namespace) -> int:
             "eval": [asdict(e) for e in evals],
             "ratios": ratio_rows,
         }
-        atomic_write_text(args.output, json.dumps(report, indent=2) + "\n")
+        atomic_write_text(args.output, json_text(report, indent=2) + "\n")
     return 0
 
 

@@ -15,3 +15,11 @@ class TargetNotFoundError(OMoEError, ValueError):
 
 class AdapterLoadError(OMoEError, ValueError):
     """An adapter on disk does not fit the model, or is not in a format we load."""
+
+
+class RunError(OMoEError, RuntimeError):
+    """The input was valid but the run failed on the way (the CLI exits 1, not 2)."""
+
+
+class NonFiniteError(RunError, ArithmeticError):
+    """A loss, gradient norm, score or log-likelihood came out NaN or infinite; the message names where."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -27,6 +29,39 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], suffix: 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename: never a partial file."""
     atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def json_text(obj, **kwargs) -> str:
+    """``json.dumps(obj, **kwargs)`` as strict JSON: a NaN or infinity is a :class:`NonFiniteError`
+    naming where it sits (``tasks.boolq.accuracy is nan``), never a bare ``NaN`` token that strict
+    readers reject."""
+    try:
+        return json.dumps(obj, allow_nan=False, **kwargs)
+    except ValueError:
+        where = _non_finite_path(obj)
+        if where is None:
+            raise
+        from omoe.errors import NonFiniteError
+
+        path, value = where
+        raise NonFiniteError(f"{path or 'the value'} is {value}; strict JSON cannot hold it") from None
+
+
+def _non_finite_path(obj, path: str = "") -> tuple[str, float] | None:
+    """``(dotted path, value)`` of the first NaN/inf float inside ``obj``, or None."""
+    if isinstance(obj, float):
+        return None if math.isfinite(obj) else (path, obj)
+    if isinstance(obj, dict):
+        items = obj.items()
+    elif isinstance(obj, (list, tuple)):
+        items = enumerate(obj)
+    else:
+        return None
+    for key, value in items:
+        found = _non_finite_path(value, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 def atomic_save_figure(figure, path: str | os.PathLike, dpi: int = 120) -> None:

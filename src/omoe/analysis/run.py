@@ -18,7 +18,6 @@ after everything has been computed.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import statistics
@@ -33,7 +32,7 @@ from omoe.analysis.metrics import by_expert, pairwise_cosine, rank_summary
 from omoe.data.loader import load_task
 from omoe.data.tasks import get_task
 from omoe.errors import ConfigError
-from omoe.utils import atomic_save_figure, atomic_write_text
+from omoe.utils import atomic_save_figure, atomic_write_text, json_text
 
 VIEWS = ("mixed", "raw")
 RESULT_KIND = "omoe.analysis"
@@ -193,7 +192,7 @@ def analyze(spec: AnalysisSpec, model=None, tokenizer=None) -> dict:
         atomic_save_figure(figure, out / "tsne.png")
     result["aggregate"] = aggregate(result)
     atomic_write_text(out / "summary.md", summary_table(result) + "\n")
-    atomic_write_text(out / "analysis.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out / "analysis.json", json_text(result, indent=2) + "\n")
     return result
 
 

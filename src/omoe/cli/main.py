@@ -1,8 +1,11 @@
 """``omoe`` command line: one sub-command per module in :mod:`omoe.cli`.
 
 Every sub-command module exposes ``register(subparsers)``, which adds its parser and sets
-``func`` to a callable taking the parsed ``argparse.Namespace``. User errors (:class:`OMoEError`,
-missing files) print one line and exit with status 2; ``--debug`` shows the traceback instead.
+``func`` to a callable taking the parsed ``argparse.Namespace``. Every failure prints one line,
+``omoe <command>: error: ...``, and exits with :func:`exit_code`'s status: 2 for bad input (usage:
+:class:`OMoEError`, missing files), 1 for a run that failed on valid input (:class:`RunError`, such
+as a NaN loss, or a write that failed: a full disk), 130 after Ctrl-C. ``--debug`` shows the
+traceback instead. docs/reliability.md lists what each kind of bad input prints.
 """
 
 from __future__ import annotations
@@ -11,9 +14,27 @@ import argparse
 import importlib
 import sys
 
-from omoe.errors import OMoEError
+from omoe.errors import OMoEError, RunError
 
 SUBCOMMANDS = ("quickstart", "train", "eval", "bench", "params", "experiment", "report", "analyze")
+
+
+USAGE, RUNTIME, INTERRUPTED = 2, 1, 130
+# OSErrors that mean a path the user gave is wrong (usage), not that the run failed on the way.
+_USAGE_OS_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def exit_code(err: BaseException) -> int | None:
+    """The exit status of a failure the CLI reports in one line; None for a bug (a traceback)."""
+    if isinstance(err, RunError):
+        return RUNTIME
+    if isinstance(err, (OMoEError, *_USAGE_OS_ERRORS)):
+        return USAGE
+    if isinstance(err, OSError):  # a write failed: a full disk, an I/O error
+        return RUNTIME
+    if isinstance(err, KeyboardInterrupt):
+        return INTERRUPTED
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,15 +63,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         result = args.func(args)
-    except (OMoEError, FileNotFoundError, PermissionError, IsADirectoryError) as err:
+    except (OMoEError, OSError, KeyboardInterrupt) as err:
+        code = exit_code(err)
         if args.debug:
             raise
-        print(f"omoe {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"omoe {args.command}: interrupted", file=sys.stderr)
-        return 130
+        if code == INTERRUPTED:
+            print(f"omoe {args.command}: interrupted", file=sys.stderr)
+        else:
+            print(f"omoe {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return code
     return int(result or 0)
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ protocol (argmax over the label tokens, so there are no no-matches).
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time
@@ -25,6 +24,7 @@ from pathlib import Path
 
 from omoe.errors import ConfigError
 from omoe.train import options
+from omoe.utils import json_text
 
 QUICKSTART_TASKS = ("ARC-Easy", "boolq", "openbookqa")
 DEFAULT_PROTOCOL = {"alpaca": "generate", "moe-peft": "label"}  # each format's own paper protocol
@@ -232,7 +232,7 @@ def quickstart(config: QuickstartConfig, model=None, tokenizer=None) -> dict:
             "total": round(wall, 1),
         },
     }
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out / "results.json", json_text(results, indent=2) + "\n")
     atomic_write_text(out / "results.md", table + "\n")
     print(table)
     first = results["train"]["first_loss"]

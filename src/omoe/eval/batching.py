@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from tqdm.auto import tqdm
+
+from omoe.errors import NonFiniteError
 
 
 def model_device(model) -> torch.device:
@@ -43,3 +47,15 @@ def pad(sequences: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tenso
 def progress_bar(batches: list, desc: str, enabled: bool):
     """A tqdm bar over batches, on stderr; ``enabled=False`` returns the list unchanged."""
     return tqdm(batches, desc=desc, unit="batch", leave=False, dynamic_ncols=True) if enabled else batches
+
+
+def require_finite(task: str, index: int, what: str, values: dict[str, float]) -> None:
+    """Stop with one line naming the task and the record when a score is NaN or infinite: an argmax
+    over NaN picks a label that nothing chose, so no prediction is made from it."""
+    if all(math.isfinite(v) for v in values.values()):
+        return
+    shown = ", ".join(f"{k} {v}" for k, v in values.items())
+    raise NonFiniteError(
+        f"{task} record {index}: {what} {shown}; no prediction is made from a NaN or infinite score "
+        "(check the adapter, or evaluate with --precision fp32)"
+    )

@@ -23,7 +23,7 @@ import torch
 from omoe.data.prompts import get_format, render_many
 from omoe.data.tasks import ANSWER_TEMPLATE, Task
 from omoe.errors import ConfigError
-from omoe.eval.batching import length_sorted_batches, model_device, pad, progress_bar
+from omoe.eval.batching import length_sorted_batches, model_device, pad, progress_bar, require_finite
 from omoe.models.logits import selected_logits
 
 
@@ -121,6 +121,8 @@ class LabelProtocol:
 
         predictions = []
         for i, record in enumerate(records):
+            row = dict(zip(names, scores[i].tolist()))
+            require_finite(task.name, i, "label scores (next-token logits)", row)
             predicted = task.labels[int(scores[i].argmax())]
             predictions.append(
                 {
@@ -130,7 +132,7 @@ class LabelProtocol:
                     "correct": predicted == record["answer"],
                     "no_match": False,
                     "gold_label": names[task.labels.index(record["answer"])],
-                    "scores": dict(zip(names, scores[i].tolist())),
+                    "scores": row,
                 }
             )
         return predictions

@@ -17,7 +17,7 @@ from omoe.data.fields import parse_choices
 from omoe.data.loader import DataFormatError
 from omoe.data.prompts import build_prompt
 from omoe.data.tasks import Task
-from omoe.eval.batching import length_sorted_batches, model_device, pad, progress_bar
+from omoe.eval.batching import length_sorted_batches, model_device, pad, progress_bar, require_finite
 from omoe.models.logits import selected_logits
 
 
@@ -102,6 +102,7 @@ class LoglikProtocol:
         for i, (record, (labels, choice_texts)) in enumerate(zip(records, parsed)):
             lls = sums[start : start + len(labels)]
             start += len(labels)
+            require_finite(task.name, i, "choice log-likelihoods", dict(zip(labels, lls.tolist())))
             best, best_norm = pick_choices(lls, choice_texts)
             predicted, predicted_norm = labels[best], labels[best_norm]
             predictions.append(

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from omoe.utils import atomic_write_text
+from omoe.utils import atomic_write_text, json_text
 
 
 def predictions_path(output: str | Path) -> Path:
@@ -18,8 +17,8 @@ def write_results(output: str | Path, results: dict, predictions: list[dict]) ->
     """Write the summary JSON and the predictions JSONL (predictions first, summary last)."""
     output = Path(output)
     preds = predictions_path(output)
-    atomic_write_text(preds, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions))
-    atomic_write_text(output, json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(preds, "".join(json_text(p, ensure_ascii=False) + "\n" for p in predictions))
+    atomic_write_text(output, json_text(results, indent=2, ensure_ascii=False) + "\n")
     return output, preds
 
 

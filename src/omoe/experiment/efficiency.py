@@ -187,11 +187,10 @@ def run(preset: str, methods=DEFAULT_METHODS, *, batch=8, new_tokens=32, prompt_
 
 def table3_main(args, preset: str, methods: list[str]) -> int:
     """``omoe bench --table3``: measure, print the table, write the JSON (``--output``)."""
-    import json
     from pathlib import Path
 
     from omoe.experiment.report import Results, table3
-    from omoe.utils import atomic_write_text
+    from omoe.utils import atomic_write_text, json_text
 
     data = run(
         preset, tuple(methods), batch=args.batch or 8, new_tokens=args.new_tokens,
@@ -200,6 +199,6 @@ def table3_main(args, preset: str, methods: list[str]) -> int:
     )  # fmt: skip
     print(table3(Results([], [data], Path("."))).markdown)
     if args.output:
-        atomic_write_text(args.output, json.dumps(data, indent=2) + "\n")
+        atomic_write_text(args.output, json_text(data, indent=2) + "\n")
         print(f"\nwrote {args.output}; omoe report --results {args.output} --table 3")
     return 0

@@ -42,7 +42,7 @@ from omoe.experiment.spec import Cell, ExperimentSpec, fingerprint
 from omoe.experiment.stats import records_path, records_payload, write_records
 from omoe.train import checkpoint as ckpt
 from omoe.train.config import TrainConfig, load_config
-from omoe.utils import atomic_write_text
+from omoe.utils import atomic_write_text, json_text
 
 RESULT_KIND = "omoe.experiment.cell"
 SCHEMA_VERSION = 1
@@ -122,7 +122,7 @@ def cell_lock(cell: Cell) -> Iterator[str | None]:
     process's lock on this host is removed and taken."""
     path = _lock_path(cell)
     path.parent.mkdir(parents=True, exist_ok=True)
-    info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": _now()})
+    info = json_text({"pid": os.getpid(), "host": socket.gethostname(), "since": _now()})
     for _ in range(2):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -328,11 +328,11 @@ def run_cell(
         "finished_at": _now(),
     }
     atomic_write_text(
-        cell.work_dir / PREDICTIONS, "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
+        cell.work_dir / PREDICTIONS, "".join(json_text(p, ensure_ascii=False) + "\n" for p in predictions)
     )
     payload = records_payload(cell.id, {t: records[t] for t in cell.eval_tasks}, predictions)
     write_records(records_path(spec.result_path(cell)), payload)  # first: the result marks the cell done
-    atomic_write_text(spec.result_path(cell), json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    atomic_write_text(spec.result_path(cell), json_text(result, indent=2, ensure_ascii=False) + "\n")
     return result
 
 

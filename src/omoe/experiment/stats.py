@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from omoe.errors import ConfigError
-from omoe.utils import atomic_write
+from omoe.utils import atomic_write, json_text
 
 RECORDS_KIND = "omoe.experiment.records"
 RECORDS_SUFFIX = ".records.json.gz"
@@ -93,7 +93,7 @@ def records_payload(cell: str, records: dict[str, list[dict]], predictions: list
 
 def write_records(path: str | Path, payload: dict) -> None:
     """Write ``payload`` as gzip JSON, atomically, with byte-identical output for the same content."""
-    data = gzip.compress(json.dumps(payload, ensure_ascii=False).encode("utf-8"), mtime=0)
+    data = gzip.compress(json_text(payload, ensure_ascii=False).encode("utf-8"), mtime=0)
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(data), suffix=".gz")
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import json
 import os
 import shutil
 import tempfile
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 
 from omoe.errors import ConfigError, OMoEError
+from omoe.utils import json_text
 
 BUILTIN_MODELS: dict[str, tuple[str, str, str]] = {
     # name: (python package holding the file, GGUF file name, how to install the package)
@@ -166,7 +166,7 @@ def _gguf_cache(gguf: Path, part: str) -> Path:
             _convert_gguf_tokenizer(gguf, tmp)
         stat = gguf.stat()
         source = {"gguf": str(gguf), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "part": part}
-        (tmp / "omoe_source.json").write_text(json.dumps(source, indent=2) + "\n")
+        (tmp / "omoe_source.json").write_text(json_text(source, indent=2) + "\n")
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary directory
         try:
             os.rename(tmp, target)

@@ -26,10 +26,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from omoe.errors import ConfigError
+from omoe.errors import AdapterLoadError, ConfigError
 from omoe.train import fsdp
+from omoe.utils import json_text
 
 CHECKPOINTS = "checkpoints"
 STATE_PT = "trainer_state.pt"
@@ -164,7 +166,7 @@ def save_checkpoint(
     try:
         model.save_pretrained(tmp, state_dict=adapter)
         torch.save(tensors_state, tmp / STATE_PT)
-        (tmp / STATE_JSON).write_text(json.dumps(info, indent=2) + "\n")
+        (tmp / STATE_JSON).write_text(json_text(info, indent=2) + "\n")
         for p in tmp.iterdir():
             _fsync_file(p)
         tmp.chmod(0o755)
@@ -191,13 +193,35 @@ def load_checkpoint(path: str | Path, model) -> tuple[dict, dict]:
     for name in (WEIGHTS, STATE_PT, STATE_JSON):
         if not (path / name).is_file():
             raise ConfigError(f"checkpoint {path} is incomplete: no {name}")
-    model.load_adapter_state_dict(load_file(path / WEIGHTS, device="cpu"), source=str(path / WEIGHTS))
+    try:
+        info = json.loads((path / STATE_JSON).read_text(encoding="utf-8"))
+        weights = load_file(path / WEIGHTS, device="cpu")
+    except (ValueError, SafetensorError, OSError) as err:  # JSONDecodeError, UnicodeDecodeError
+        raise AdapterLoadError(f"checkpoint {path} is damaged: {' '.join(str(err).split())}") from None
+    model.load_adapter_state_dict(weights, source=str(path / WEIGHTS))  # refuses NaN/inf tensors
     try:
         state = torch.load(path / STATE_PT, map_location="cpu", weights_only=True)
     except Exception as err:  # an UnpicklingError names the offending global
         raise ConfigError(f"cannot load {path / STATE_PT} with weights_only=True: {err}") from None
-    info = json.loads((path / STATE_JSON).read_text())
     return state, info
+
+
+def load_latest_checkpoint(output_dir: str | Path, model, say=print) -> tuple[Path, dict, dict]:
+    """Load the newest checkpoint of ``output_dir`` that loads: one that is damaged (truncated,
+    unreadable, holding NaN) is skipped, and ``say`` is told so; ``(path, tensors_state, info)``."""
+    found = list_checkpoints(output_dir)
+    for i, path in enumerate(reversed(found)):
+        try:
+            state, info = load_checkpoint(path, model)
+        except (AdapterLoadError, ConfigError) as err:
+            older = "falling back to the previous one" if i + 1 < len(found) else "no older one is left"
+            say(f"checkpoint {path.name} cannot be loaded ({err}); {older}")
+            continue
+        return path, state, info
+    raise ConfigError(
+        f"--resume: none of the {len(found)} checkpoint(s) in {checkpoint_root(output_dir)} loads "
+        "(each reason is printed above)"
+    )
 
 
 def _fsync_file(path: Path) -> None:

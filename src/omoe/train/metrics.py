@@ -12,7 +12,7 @@ import io
 import json
 from pathlib import Path
 
-from omoe.utils import atomic_write_text
+from omoe.utils import atomic_write_text, json_text
 
 FIELDS = ("step", "epoch", "loss", "aux_loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s")
 JSONL = "metrics.jsonl"
@@ -30,14 +30,14 @@ class MetricsLogger:
             if start_step
             else []
         )
-        atomic_write_text(self.dir / JSONL, "".join(json.dumps(r) + "\n" for r in rows))
+        atomic_write_text(self.dir / JSONL, "".join(json_text(r) + "\n" for r in rows))
         atomic_write_text(self.dir / CSV, _csv_text(rows, header=True))
         self._jsonl = open(self.dir / JSONL, "a", encoding="utf-8")  # noqa: SIM115 (closed in close())
         self._csv = open(self.dir / CSV, "a", encoding="utf-8", newline="")  # noqa: SIM115
         self.tb = _tensorboard(self.dir / "tensorboard", start_step) if tensorboard else None
 
     def log(self, row: dict) -> None:
-        self._jsonl.write(json.dumps(row) + "\n")
+        self._jsonl.write(json_text(row) + "\n")
         self._jsonl.flush()
         self._csv.write(_csv_text([row], header=False))
         self._csv.flush()
