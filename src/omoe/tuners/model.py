@@ -150,14 +150,25 @@ class OMoEModel(nn.Module):
 
     # ------------------------------------------------------------------ save / load
     def save_pretrained(
-        self, directory: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None
+        self,
+        directory: str | os.PathLike,
+        state_dict: dict[str, torch.Tensor] | None = None,
+        format: str = "omoe",
     ) -> None:
         """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (adapter weights only),
         atomically: a crash leaves either the previous files or the new ones.
 
         ``state_dict``: the adapter tensors to write instead of this model's own (as in PEFT), e.g.
         full tensors gathered from FSDP shards.
+        ``format``: ``"omoe"``, or ``"peft"`` for PEFT's own layout (methods lora and dora), which
+        ``peft.PeftModel.from_pretrained(base, directory)`` loads.
         """
+        from omoe.integrations import peft_format
+
+        if format not in peft_format.FORMATS:
+            raise ConfigError(f"unknown adapter format {format!r}; allowed: {', '.join(peft_format.FORMATS)}")
+        if format == "peft":
+            peft_format.check_peft_method(self.omoe_config)  # before anything is written
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         if state_dict is None:
@@ -167,8 +178,11 @@ class OMoEModel(nn.Module):
         from omoe import __version__
 
         with tempfile.TemporaryDirectory(dir=directory, prefix=".tmp-") as tmp:
-            save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
-            self.omoe_config.save_pretrained(tmp, omoe_version=__version__, base_model_name_or_path=base_name)
+            if format == "peft":
+                peft_format.write_peft(tmp, self.omoe_config, tensors, base_name)
+            else:
+                save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
+                self.omoe_config.save_pretrained(tmp, omoe_version=__version__, base_model_name_or_path=base_name)
             os.replace(os.path.join(tmp, WEIGHTS_NAME), directory / WEIGHTS_NAME)
             os.replace(os.path.join(tmp, CONFIG_NAME), directory / CONFIG_NAME)
 
@@ -178,7 +192,8 @@ class OMoEModel(nn.Module):
     ) -> OMoEModel:
         """Inject the adapter saved in ``directory`` into ``model`` and load its weights.
 
-        Only safetensors files are read; pickle-based files are refused.
+        ``directory`` holds an omoe adapter or a PEFT LoRA/DoRA adapter (PEFT's layout). Only
+        safetensors files are read; pickle-based files are refused.
         """
         directory = Path(directory)
         if directory.is_file():
@@ -196,12 +211,18 @@ class OMoEModel(nn.Module):
                     "and never unpickles (convert with safetensors.torch.save_file)"
                 )
             raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
-        config = OMoEConfig.from_pretrained(directory)
-        wrapped = cls(model, config)
-        try:
-            state = load_file(weights, device="cpu")
-        except (SafetensorError, OSError) as err:
-            raise AdapterLoadError(f"{weights} is not a readable safetensors file: {err}") from None
+        from omoe.integrations import peft_format
+
+        if peft_format.is_peft_adapter(directory):
+            config, state = peft_format.read_peft(directory)
+            wrapped = cls(model, config)
+        else:
+            config = OMoEConfig.from_pretrained(directory)
+            wrapped = cls(model, config)
+            try:
+                state = load_file(weights, device="cpu")
+            except (SafetensorError, OSError) as err:
+                raise AdapterLoadError(f"{weights} is not a readable safetensors file: {err}") from None
         wrapped.load_adapter_state_dict(state, source=str(weights))
         if not is_trainable:
             for p in wrapped.parameters():
