@@ -16,6 +16,7 @@ interrupted write are removed by the next run. Only the newest ``keep`` checkpoi
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -165,7 +166,9 @@ def save_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-step-{step:08d}-", dir=root))
     try:
         model.save_pretrained(tmp, state_dict=adapter)
-        torch.save(tensors_state, tmp / STATE_PT)
+        buffer = io.BytesIO()
+        torch.save(tensors_state, buffer)  # torch's own writer would turn a full disk into a RuntimeError
+        _write_bytes(tmp / STATE_PT, buffer.getbuffer())
         (tmp / STATE_JSON).write_text(json_text(info, indent=2) + "\n")
         for p in tmp.iterdir():
             _fsync_file(p)
@@ -222,6 +225,12 @@ def load_latest_checkpoint(output_dir: str | Path, model, say=print) -> tuple[Pa
         f"--resume: none of the {len(found)} checkpoint(s) in {checkpoint_root(output_dir)} loads "
         "(each reason is printed above)"
     )
+
+
+def _write_bytes(path: Path, data) -> None:
+    """Write ``data`` with a Python file object, so that a full disk is an ``OSError(ENOSPC)``."""
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 def _fsync_file(path: Path) -> None:
