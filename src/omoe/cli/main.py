@@ -16,7 +16,7 @@ import sys
 
 from omoe.errors import OMoEError, RunError
 
-SUBCOMMANDS = ("quickstart", "train", "eval", "bench", "params", "experiment", "report", "analyze")
+SUBCOMMANDS = ("quickstart", "train", "eval", "bench", "params", "experiment", "report", "analyze", "generate")
 
 
 USAGE, RUNTIME, INTERRUPTED = 2, 1, 130
