@@ -14,11 +14,16 @@ def predictions_path(output: str | Path) -> Path:
 
 
 def write_results(output: str | Path, results: dict, predictions: list[dict]) -> tuple[Path, Path]:
-    """Write the summary JSON and the predictions JSONL (predictions first, summary last)."""
+    """Write the summary JSON and the predictions JSONL (predictions first, summary last); if the
+    summary cannot be written (a full disk), the predictions go too: both files or neither."""
     output = Path(output)
     preds = predictions_path(output)
     atomic_write_text(preds, "".join(json_text(p, ensure_ascii=False) + "\n" for p in predictions))
-    atomic_write_text(output, json_text(results, indent=2, ensure_ascii=False) + "\n")
+    try:
+        atomic_write_text(output, json_text(results, indent=2, ensure_ascii=False) + "\n")
+    except BaseException:
+        preds.unlink(missing_ok=True)
+        raise
     return output, preds
 
 

@@ -115,7 +115,13 @@ def build_train_data(tokenizer, records: list[dict], data: DataConfig, global_ba
     tokenized = tokenize_dataset(
         tokenizer, records, data.cutoff_len, data.train_on_inputs, prompt=data.prompt, task=data.task
     )
-    return TrainData(
+    train_data = TrainData(
         tokenized.examples, tokenized.num_truncated, global_batch_size, micro_batch_size, seed,
         data.group_by_length,
     )  # fmt: skip
+    if not any(train_data.loss_tokens):  # the loss would be 0 at every step: nothing is learned
+        raise ConfigError(
+            f"no training example keeps a response token within data.cutoff_len {data.cutoff_len}: every "
+            "prompt fills it; raise data.cutoff_len (python -m omoe.data.stats prints token lengths)"
+        )
+    return train_data
