@@ -50,6 +50,12 @@ def register(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per batch for --file (default 8)")
     parser.add_argument("--device", default="cpu", help="e.g. cpu, cuda (default cpu)")
     parser.add_argument("--dtype", default=None, help="float32 (default), bfloat16 or float16")
+    parser.add_argument(
+        "--quantization",
+        default="none",
+        choices=("none", "8bit", "4bit"),
+        help="load the base quantized (bitsandbytes)",
+    )
     parser.add_argument("--output", help="also write {prompt, answer} records to this .jsonl file")
     parser.error = lambda message: parser.exit(2, f"omoe generate: error: {message}\n")
     parser.set_defaults(func=run)
@@ -134,7 +140,9 @@ def run(args: argparse.Namespace) -> int:
     from omoe.models import load_model
     from omoe.tuners.model import OMoEModel
 
-    base, tokenizer = load_model(model_name, dtype=args.dtype, device=args.device)
+    base, tokenizer = load_model(
+        model_name, dtype=args.dtype, device=args.device, quantization=args.quantization
+    )
     model = OMoEModel.from_pretrained(base, args.adapter)
     model.to(args.device)
     prompts = render(records, args.template, tokenizer)

@@ -38,7 +38,12 @@ FREE_KEYS = ("output_dir", "device", "fsdp", "gradient_checkpointing", "checkpoi
 # Keys added after results were written, with the value that reproduces the earlier behaviour:
 # alpaca was the only prompt format, training read the whole train file (now split train+val) and
 # shuffled it plainly (group_by_length false).
-LEGACY_VALUES = {"data.prompt": "alpaca", "data.split": "train+val", "data.group_by_length": False}
+LEGACY_VALUES = {
+    "data.prompt": "alpaca",
+    "data.split": "train+val",
+    "data.group_by_length": False,
+    "quantization": "none",  # issue 12: the base was never quantized before
+}
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 
 

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from omoe.layers.quantized import compute_dtype, frozen_weight, quantization_of
+
 
 def autocast_float16(device_type: str) -> bool:
     """Whether float16 autocast is on: float16's range (max 65504) then bounds the gradients."""
@@ -160,7 +162,14 @@ def _frozen_matmul(base_layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """
     if getattr(base_layer, "bias", None) is None:
         return base_layer(x)
+    if quantization_of(base_layer) is not None:
+        return _frozen_matmul_dense(base_layer, x)
     return F.linear(x, base_layer.weight)
+
+
+def _frozen_matmul_dense(base_layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``W0 x`` without the bias from the dequantized weight of a quantized frozen linear."""
+    return F.linear(x, frozen_weight(base_layer).to(x.dtype))
 
 
 class DoRAExperts(LoRAExperts):
@@ -194,12 +203,12 @@ class DoRAExperts(LoRAExperts):
             self.lora_magnitude.copy_(self.norm_ref.expand_as(self.lora_magnitude))
 
     def _norm_dtype(self, base_layer: nn.Module) -> torch.dtype:
-        dtype = torch.promote_types(self.lora_A.dtype, base_layer.weight.dtype)
+        dtype = torch.promote_types(self.lora_A.dtype, compute_dtype(base_layer))
         return torch.promote_types(dtype, torch.float32)
 
     def _frozen_sq_norm(self, base_layer: nn.Module) -> torch.Tensor:
         """``||W0||^2`` row-wise, ``(out,)``."""
-        return base_layer.weight.to(self._norm_dtype(base_layer)).pow(2).sum(-1)
+        return frozen_weight(base_layer).to(self._norm_dtype(base_layer)).pow(2).sum(-1)
 
     @torch.no_grad()
     def norm_excess(self, base_layer: nn.Module) -> torch.Tensor:
@@ -208,7 +217,11 @@ class DoRAExperts(LoRAExperts):
         dtype = self._norm_dtype(base_layer)
         A, B, s = self.lora_A.to(dtype), self.lora_B.to(dtype), self.scaling
         with torch.autocast(A.device.type, enabled=False):  # small: always at least float32
-            w0_at = _frozen_matmul(base_layer, A.reshape(-1, A.shape[-1]).to(base_layer.weight.dtype))
+            rows = A.reshape(-1, A.shape[-1])  # (k*r, in)
+            if quantization_of(base_layer) is None:
+                w0_at = _frozen_matmul(base_layer, rows.to(base_layer.weight.dtype))
+            else:  # the dequantized W0 that ||W0|| is taken of (LLM.int8 would also round A to 8 bits)
+                w0_at = _frozen_matmul_dense(base_layer, rows)
             w0_at = w0_at.to(dtype).view(self.num_experts, self.r, -1)  # (k, r, out) = A W0^T
             cross = torch.einsum("kor,kro->ko", B, w0_at)  # B_o . (W0 A^T)_o
             gram = torch.bmm(A, A.transpose(1, 2))  # (k, r, r)

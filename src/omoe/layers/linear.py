@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from omoe.errors import ConfigError
 from omoe.layers.experts import LoRAExperts, without_bias
+from omoe.layers.quantized import quantization_of
 
 
 class AdapterLinear(nn.Module):
@@ -29,6 +31,12 @@ class AdapterLinear(nn.Module):
     @torch.no_grad()
     def merged_weight(self) -> torch.Tensor:
         """The frozen weight with the adapter folded in, in the base weight's dtype."""
+        kind = quantization_of(self.base_layer)
+        if kind is not None:
+            raise ConfigError(
+                f"cannot merge into a {kind}-quantized frozen weight (the sum would be rounded to the "
+                "quantization grid); load the base model unquantized, load the adapter, then merge"
+            )
         w0 = self.base_layer.weight
         w = w0.float() + self.omoe_lora.delta_weight()[0].float()  # (out, in)
         if self.omoe_lora.is_dora:

@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from omoe.layers.experts import LoRAExperts, _frozen_matmul, autocast_float16, without_bias
 from omoe.layers.mixing import ExpertMixer
+from omoe.layers.quantized import frozen_weight
 from omoe.layers.router import Router, RouterStats, Routing
 
 
@@ -298,7 +299,7 @@ def _frozen_down(down: nn.Module, dh: torch.Tensor, dtype: torch.dtype) -> torch
     """
     in_float16 = autocast_float16(dh.device.type) or (dtype == down.weight.dtype == torch.float16)
     if in_float16 and torch.is_grad_enabled() and dh.requires_grad:
-        return _Float16FrozenLinear.apply(dh, down.weight)
+        return _Float16FrozenLinear.apply(dh, frozen_weight(down))  # dequantized if down is quantized
     return _frozen_matmul(down, dh.to(dtype))
 
 

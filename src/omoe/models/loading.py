@@ -89,6 +89,7 @@ def load_model(
     name_or_path: str | os.PathLike = DEFAULT_MODEL,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    quantization: str = "none",
 ):
     """Load ``(model, tokenizer)``, the model in eval mode on ``device``.
 
@@ -97,6 +98,8 @@ def load_model(
             Hugging Face model directory.
         dtype: ``float32`` (default, also for None), ``bfloat16``, ``float16``, or a torch dtype.
         device: where to put the model, e.g. ``cpu`` or ``cuda``.
+        quantization: ``none``, ``8bit`` or ``4bit``: the frozen linears (not the LM head) quantized
+            by bitsandbytes while loading (:func:`omoe.models.quantize.bnb_config`).
 
     The tokenizer gets ``pad_token = eos_token`` if it has no pad token.
     """
@@ -112,11 +115,16 @@ def load_model(
         model_dir = tok_dir = path
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, local_files_only=True)
+    quantized = {}
+    if quantization != "none":
+        from omoe.models.quantize import bnb_config
+
+        quantized = {"quantization_config": bnb_config(quantization, torch_dtype), "device_map": {"": device}}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, local_files_only=True, **quantized)
     tokenizer = _prepare_tokenizer(_auto_tokenizer(tok_dir))
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
-    return model.to(device).eval(), tokenizer
+    return (model if quantized else model.to(device)).eval(), tokenizer
 
 
 def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:

@@ -15,6 +15,7 @@ from omoe.config import OMoEConfig
 from omoe.data.prompts import PROMPT_FORMATS
 from omoe.data.tasks import FULL_TRAIN_SPLIT, get_task
 from omoe.errors import ConfigError
+from omoe.models.quantize import check_quantization
 from omoe.optim import OrthogonalConfig
 from omoe.train import options
 
@@ -262,6 +263,13 @@ class TrainConfig:
             "and on CPUs with native bf16 (avx512_bf16/amx_bf16), else fp32; weights and optimizer stay fp32"
         },
     )
+    quantization: str = field(
+        default="none",
+        metadata={
+            "help": "none, 8bit or 4bit: load the base model's frozen linears quantized by bitsandbytes "
+            "(LLM.int8, or NF4 QLoRA-style); the adapter trains in fp32 on top (CUDA, or bitsandbytes' CPU backend)"
+        },
+    )
     device: str = field(
         default="auto",
         metadata={
@@ -296,6 +304,11 @@ class TrainConfig:
             raise ConfigError("output_dir must be a directory path")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
+        check_quantization(self.quantization)
+        if self.quantization != "none" and self.fsdp:
+            raise ConfigError(
+                "quantization 8bit/4bit does not combine with fsdp; use one process, or quantization none"
+            )
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}; allowed: {', '.join(PRECISIONS)}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

@@ -145,7 +145,11 @@ def _train(config: TrainConfig, info: distributed.DistInfo, model, tokenizer, re
     if model is None:
         from omoe.models import load_model
 
-        model, tokenizer = load_model(config.model, device=device)
+        model, tokenizer = load_model(config.model, device=device, quantization=config.quantization)
+    elif config.quantization != "none":
+        raise ConfigError(
+            "quantization applies to the model train() loads; pass it unquantized or quantize it yourself"
+        )
     model.to(device)
 
     data = build_train_data(
