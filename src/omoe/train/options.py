@@ -177,7 +177,7 @@ def build(cls, data: dict | None, prefix: str = ""):
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     unknown = [k for k in data if k not in names]
     if unknown:
-        bad = ", ".join(f"{prefix}{k}" for k in unknown)
+        bad = ", ".join(_shown(f"{prefix}{k}") for k in unknown)
         raise ConfigError(f"unknown config key(s) {bad}; valid keys: {', '.join(valid_keys_of(cls, prefix))}")
     kwargs = {}
     for name in names:
@@ -191,6 +191,11 @@ def build(cls, data: dict | None, prefix: str = ""):
     return cls(**kwargs)
 
 
+def _shown(key: str) -> str:
+    """A key as typed, or quoted where it holds blanks or unprintable characters (``'\\n'``)."""
+    return key if key.isprintable() and key.strip() == key and " " not in key else repr(key)
+
+
 def valid_keys_of(cls, prefix: str = "") -> list[str]:
     return [f"{prefix}{k}" for k in valid_keys(cls)]
 
@@ -199,7 +204,7 @@ def set_dotted(data: dict, cls, key: str, value) -> None:
     """Put ``value`` at dotted ``key`` of the nested dict ``data`` (an override)."""
     types_by_key = {k: tp for k, _, tp in leaves(cls)}
     if key not in types_by_key:
-        raise ConfigError(f"unknown config key {key}; valid keys: {', '.join(types_by_key)}")
+        raise ConfigError(f"unknown config key {_shown(key)}; valid keys: {', '.join(types_by_key)}")
     *sections, leaf = key.split(".")
     node = data
     for s in sections:
@@ -232,7 +237,8 @@ def read_yaml(path: str | Path) -> dict:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path} is not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())  # one line
+        raise ConfigError(f"{path} is not valid YAML{where}: {problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
