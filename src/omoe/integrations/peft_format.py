@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from omoe.config import CONFIG_NAME, OMoEConfig
 from omoe.errors import AdapterLoadError, ConfigError
 from omoe.tuners.injection import block_index
+from omoe.utils import json_text
 
 FORMATS = ("omoe", "peft")
 WEIGHTS_NAME = "adapter_model.safetensors"  # PEFT's name too
@@ -110,7 +111,7 @@ def write_peft(
     """Write PEFT's two files into ``tmp`` (the caller moves them into place)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in to_peft_state_dict(adapter).items()}
     save_file(tensors, os.path.join(tmp, WEIGHTS_NAME), metadata={"format": "pt"})
-    text = json.dumps(peft_config(config, adapter, base_name), indent=2) + "\n"
+    text = json_text(peft_config(config, adapter, base_name), indent=2) + "\n"
     Path(tmp, CONFIG_NAME).write_text(text)
 
 
