@@ -229,18 +229,18 @@ import os, signal, sys
 from omoe.train import checkpoint as ckpt, train
 from omoe.train.config import load_config
 
-real, calls = ckpt.torch.save, []
+real, calls = ckpt._write_bytes, []
 
-def save(obj, f, *args, **kwargs):
-    calls.append(f)
+def write(path, data):
+    calls.append(path)
     if len(calls) == 2:  # the adapter is already in the temporary directory; half the state follows
-        with open(f, "wb") as fh:
-            fh.write(b"PK half")
-            fh.flush()
+        with open(path, "wb") as f:
+            f.write(bytes(data)[: len(data) // 2])
+            f.flush()
         os.kill(os.getpid(), signal.SIGKILL)
-    return real(obj, f, *args, **kwargs)
+    real(path, data)
 
-ckpt.torch.save = save
+ckpt._write_bytes = write
 train(load_config(sys.argv[1]))
 """
 
