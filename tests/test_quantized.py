@@ -10,7 +10,7 @@ from torch.testing import assert_close
 
 from omoe import OMoEConfig, get_omoe_model
 from omoe.errors import ConfigError
-from omoe.layers.quantized import frozen_weight, quantization_of
+from omoe.layers.quantized import frozen_weight, keep_4bit_trainable, quantization_of
 from omoe.models.testing import tiny_llama
 
 pytest.importorskip("bitsandbytes")
@@ -35,7 +35,9 @@ def base_dir(tmp_path_factory):
     return path
 
 
-def _quantized(base_dir, bits):
+def _quantized(base_dir, bits, as_omoe_runs_it=True):
+    """The tiny LLaMA loaded quantized by transformers; by default with its 4-bit layers kept on
+    the trainable kernels, as an OMoEModel keeps them (see the last test)."""
     from transformers import AutoModelForCausalLM
 
     from omoe.models.quantize import bnb_config
@@ -43,6 +45,8 @@ def _quantized(base_dir, bits):
     model = AutoModelForCausalLM.from_pretrained(
         base_dir, quantization_config=bnb_config(bits), device_map={"": "cpu"}
     )
+    if as_omoe_runs_it:
+        keep_4bit_trainable(model)
     return model.eval()
 
 
@@ -180,3 +184,27 @@ def test_bad_quantization_settings_are_refused(settings, message):
 
     with pytest.raises(ConfigError, match=message):
         load_config(None, settings)
+
+
+@pytest.mark.parametrize("when", ["before wrapping", "after wrapping"])
+def test_an_inference_pass_does_not_break_the_4bit_gradients(base_dir, when):
+    """bitsandbytes' CPU backend (on AVX512-BF16 CPUs) repacks a 4-bit weight for a forward-only
+    kernel the first time the layer runs in eval mode without grad, and then backpropagates through
+    that kernel without autograd; an OMoEModel keeps its 4-bit weights out of that path."""
+    grads = []
+    for warm in (False, True):
+        base = _quantized(base_dir, "4bit", as_omoe_runs_it=False)
+        if warm and when == "before wrapping":
+            _logits(base)
+        model = _adapted(base, "omoe")
+        if warm and when == "after wrapping":
+            _logits(model)
+        model.train()
+        model(input_ids=IDS, labels=IDS).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    for name in grads[0]:
+        if when == "after wrapping":
+            assert_close(grads[1][name], grads[0][name], msg=name)
+        else:  # undoing a repacked weight re-quantizes its double-quantized absmax: weights move by ~1e-4
+            # (without keep_4bit_trainable the gradients are up to 22% off on this model)
+            assert (grads[1][name] - grads[0][name]).norm() < 1e-2 * grads[0][name].norm(), name

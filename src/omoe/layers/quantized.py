@@ -43,3 +43,27 @@ def compute_dtype(module: nn.Module) -> torch.dtype:
     bitsandbytes module casts its input to its own compute dtype)."""
     weight = module.weight
     return weight.dtype if weight.is_floating_point() else torch.float32
+
+
+def keep_4bit_trainable(model: nn.Module) -> None:
+    """Keep bitsandbytes' 4-bit linears on the kernels that backpropagate.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.50) repacks a 4-bit weight for a forward-only kernel
+    the first time the layer runs in eval mode without grad, and from then on uses that kernel in
+    training too, which has no autograd: the gradient to the layer's input is silently wrong (torch
+    warns "an autograd kernel was not registered"). Adapters need that gradient, and DoRA reads the
+    weight in the standard layout, so: turn the repacking off and undo it where it already happened
+    (bitsandbytes' own inverse; it re-quantizes a double-quantized absmax, which moves the weights by
+    about 1e-4 of their size).
+    """
+    for module in model.modules():
+        if quantization_of(module) != "4bit" or not hasattr(module, "support_avx512bf16_for_cpu"):
+            continue
+        module.support_avx512bf16_for_cpu = False
+        state = module.weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
+                module.weight.data, state
+            )

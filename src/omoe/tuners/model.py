@@ -16,7 +16,8 @@ from torch import nn
 from omoe.config import CONFIG_NAME, OMoEConfig
 from omoe.errors import AdapterLoadError, ConfigError
 from omoe.layers import ExpertCapture, MoELayer, RouterStats
-from omoe.tuners.injection import adapter_modules, inject_adapters, set_module
+from omoe.layers.quantized import keep_4bit_trainable
+from omoe.tuners.injection import adapter_modules, block_index, inject_adapters, set_module
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_PREFIX = "omoe_"  # every adapter sub-module's attribute name starts with it
@@ -39,6 +40,7 @@ class OMoEModel(nn.Module):
         self.base_model = model
         self.omoe_config = config
         self._token_mask = inject_adapters(model, config)
+        keep_4bit_trainable(model)  # a no-op unless the base is bitsandbytes 4-bit
 
     # ------------------------------------------------------------------ forward
     def forward(
