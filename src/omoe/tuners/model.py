@@ -17,7 +17,7 @@ from omoe.config import CONFIG_NAME, OMoEConfig
 from omoe.errors import AdapterLoadError, ConfigError
 from omoe.layers import ExpertCapture, MoELayer, RouterStats
 from omoe.layers.quantized import keep_4bit_trainable
-from omoe.tuners.injection import adapter_modules, block_index, inject_adapters, set_module
+from omoe.tuners.injection import adapter_modules, inject_adapters, set_module
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_PREFIX = "omoe_"  # every adapter sub-module's attribute name starts with it
