@@ -1,6 +1,6 @@
 """Adapters on a bitsandbytes-quantized base (NF4 4-bit, LLM.int8 8-bit), on its CPU backend.
 
-bitsandbytes >= 0.46 quantizes and multiplies on CPU as on CUDA (the same NF4 / int8 formats), so
+bitsandbytes (0.50) quantizes and multiplies on CPU as on CUDA (the same NF4 / int8 formats), so
 these tests run in CI; scripts/gpu_check.sh is where the CUDA kernels would be exercised.
 """
 

@@ -1,7 +1,7 @@
 """Quantized frozen bases (QLoRA-style): bitsandbytes 4-bit NF4 or 8-bit LLM.int8, applied by
 transformers while the model loads; the adapters stay float32 and train on top.
 
-bitsandbytes (>= 0.46) runs both on CUDA and on CPU: its CPU backend has the NF4 and int8 kernels
+bitsandbytes (0.50 tested) runs both on CUDA and on CPU: its CPU backend has the NF4 and int8 kernels
 (on CPUs with AVX512-BF16 a fused NF4 kernel from the ``kernels`` package is tried first; without it
 bitsandbytes logs a warning once and uses its own). The LM head and the embeddings stay unquantized,
 as in QLoRA.
@@ -16,7 +16,7 @@ import torch
 from omoe.errors import ConfigError, OMoEError
 
 QUANTIZATIONS = ("none", "8bit", "4bit")
-_INSTALL = "pip install 'bitsandbytes>=0.46'"
+_INSTALL = "pip install 'bitsandbytes>=0.50'"
 
 
 def check_quantization(name: str) -> None:
