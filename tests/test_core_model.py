@@ -411,3 +411,30 @@ def test_ffn_topology_supports_other_llama_family_models(family):
     assert torch.equal(model(input_ids=ids, attention_mask=mask).logits, ref)
     trainable, _ = model.get_nb_trainable_parameters()
     assert trainable > 0
+
+
+@pytest.mark.parametrize("method,topology", [("lora", "ffn"), ("omoe", "ffn"), ("moe", "linear")])
+def test_layers_puts_adapters_on_the_named_blocks_only(method, topology):
+    base = _base(layers=4)
+    frozen = copy.deepcopy(base.model.layers[0].state_dict())
+    model = get_omoe_model(base, OMoEConfig(method=method, topology=topology, layers="2-3"))
+    trainable = {int(n.split("layers.")[1].split(".")[0]) for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {2, 3}
+    # the blocks outside `layers` are the base's own modules, weights untouched
+    assert type(model.base_model.model.layers[0].mlp).__name__ == "LlamaMLP"
+    for key, value in model.base_model.model.layers[0].state_dict().items():
+        assert torch.equal(value, frozen[key])
+
+
+def test_layers_with_a_layerwise_preset_uses_the_models_depth():
+    # 'high' of a 6-block model is blocks 4..5 whether or not the low blocks carry adapters
+    model = get_omoe_model(_base(layers=6), OMoEConfig(layers="3-5", orthogonal_layers="high"))
+    mixers = {int(n.split(".")[2]): type(m.mixer) for n, m in model.moe_layers().items()}
+    assert mixers == {3: ExpertMixer, 4: OrthogonalMixer, 5: OrthogonalMixer}
+
+
+def test_layers_beyond_the_model_or_empty_are_rejected():
+    with pytest.raises(ConfigError, match=r"layers names block\(s\) \[9\]; this model has blocks 0..2"):
+        get_omoe_model(_base(), OMoEConfig(layers=[1, 9]))
+    with pytest.raises(ConfigError, match="layers names no block"):
+        OMoEConfig(layers="none")

@@ -69,6 +69,14 @@ class OMoEConfig:
     router_aux_loss_coef: float = field(
         default=0.0, metadata={"help": "weight of the Switch/Mixtral load-balancing loss (0 = off)"}
     )
+    layers: str | list[int] = field(
+        default="all",
+        metadata={
+            "help": "which blocks (0-based) get adapters, as PEFT's layers_to_transform; the others stay "
+            f"frozen and untouched. One of {LAYER_PRESETS}, a list of block indices, or ranges such as "
+            "'22-29'. Adapting only the top blocks stops the backward pass there (cheaper training)"
+        },
+    )
     orthogonal_layers: str | list[int] = field(
         default="all",
         metadata={
@@ -132,6 +140,11 @@ class OMoEConfig:
                 raise ConfigError(
                     f"target_modules must be a non-empty list of names, got {self.target_modules!r}"
                 )
+        if isinstance(self.layers, tuple):
+            self.layers = list(self.layers)
+        if self.layers == "none" or self.layers == []:
+            raise ConfigError("layers names no block; an adapter needs at least one (default: 'all')")
+        _parse_layers(self.layers, 32, "layers")  # syntax check now; bounds checked on injection
         if isinstance(self.orthogonal_layers, tuple):
             self.orthogonal_layers = list(self.orthogonal_layers)
         _parse_layers(self.orthogonal_layers, 32)  # syntax check now; bounds checked on injection
@@ -146,6 +159,10 @@ class OMoEConfig:
     @property
     def targets(self) -> tuple[str, ...]:
         return tuple(self.target_modules) if self.target_modules is not None else DEFAULT_TARGETS
+
+    def adapted_blocks(self, num_blocks: int) -> set[int]:
+        """Indices of the blocks that get adapters (0-based), for a model with ``num_blocks`` blocks."""
+        return _parse_layers(self.layers, num_blocks, "layers")
 
     def orthogonal_blocks(self, num_blocks: int) -> set[int]:
         """Indices of the blocks that get OMoE (0-based), for a model with ``num_blocks`` blocks."""
@@ -190,7 +207,7 @@ def _check_int(name: str, value, minimum: int) -> None:
         raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
-def _parse_layers(spec: str | list[int], num_blocks: int) -> set[int]:
+def _parse_layers(spec: str | list[int], num_blocks: int, key: str = "orthogonal_layers") -> set[int]:
     """Block indices named by a preset, a list of ints, or ranges like '0-9,20-29' (0-based)."""
     if isinstance(spec, list):
         blocks = spec
@@ -209,16 +226,19 @@ def _parse_layers(spec: str | list[int], num_blocks: int) -> set[int]:
             blocks.extend(range(int(lo), int(hi or lo) + 1))
     else:
         raise ConfigError(
-            f"orthogonal_layers {spec!r} not understood; allowed: {', '.join(LAYER_PRESETS)}, "
+            f"{key} {spec!r} not understood; allowed: {', '.join(LAYER_PRESETS)}, "
             "a list of block indices, or ranges like '0-9,20-29'"
         )
     if not all(isinstance(i, int) and not isinstance(i, bool) for i in blocks):
-        raise ConfigError(f"orthogonal_layers must hold integers, got {spec!r}")
+        raise ConfigError(f"{key} must hold integers, got {spec!r}")
     return set(blocks)
 
 
 def check_layers_in_range(config: OMoEConfig, num_blocks: int) -> None:
     """Raise if an explicit block index does not exist in a model of ``num_blocks`` blocks."""
+    bad = sorted(i for i in config.adapted_blocks(num_blocks) if not 0 <= i < num_blocks)
+    if bad:
+        raise ConfigError(f"layers names block(s) {bad}; this model has blocks 0..{num_blocks - 1}")
     bad = sorted(i for i in config.orthogonal_blocks(num_blocks) if not 0 <= i < num_blocks)
     if bad:
         raise ConfigError(

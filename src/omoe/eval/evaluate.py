@@ -22,6 +22,7 @@ from omoe.eval.generate import GenerateProtocol
 from omoe.eval.label import LabelProtocol
 from omoe.eval.loglik import LoglikProtocol
 from omoe.models.precision import autocast, autocast_dtype, precision_name
+from omoe.models.prefix import frozen_prefix
 
 PROTOCOLS = {"generate": GenerateProtocol, "label": LabelProtocol, "loglik": LoglikProtocol}
 # The prompt formats each protocol reads (see the module docstring).
@@ -97,7 +98,9 @@ def evaluate(
     model.eval()
     start = time.perf_counter()
     try:
-        with torch.inference_mode(), autocast(amp_dtype, device):
+        # frozen_prefix: the blocks below the lowest adapter come from a cache shared with training
+        depth = getattr(model, "frozen_depth", 0)
+        with torch.inference_mode(), autocast(amp_dtype, device), frozen_prefix(model, depth):
             predictions = proto.predict(model, tokenizer, task, records, batch_size, progress)
     finally:
         if was_training:

@@ -33,15 +33,16 @@ SPEC_KEYS = (
 # Keys the grid sets itself in every cell; methods and sweeps may not.
 GRID_KEYS = ("output_dir", "seed", "data.tasks", "data.data_file", "data.task")
 # Keys that do not change a cell's numbers: a result computed under other values still counts.
-FREE_KEYS = ("output_dir", "device", "fsdp", "gradient_checkpointing", "checkpoint_every", "keep_checkpoints",
-             "logging.")  # fmt: skip
+FREE_KEYS = ("output_dir", "device", "fsdp", "gradient_checkpointing", "prefix_cache", "checkpoint_every",
+             "keep_checkpoints", "logging.")  # fmt: skip
 # Keys added after results were written, with the value that reproduces the earlier behaviour:
 # alpaca was the only prompt format, training read the whole train file (now split train+val) and
-# shuffled it plainly (group_by_length false).
+# shuffled it plainly (group_by_length false), and adapters went on every block (adapter.layers all).
 LEGACY_VALUES = {
     "data.prompt": "alpaca",
     "data.split": "train+val",
     "data.group_by_length": False,
+    "adapter.layers": "all",
     "quantization": "none",  # issue 12: the base was never quantized before
 }
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")

@@ -11,6 +11,8 @@ Hugging Face causal LM that applies its head once to ``(B, T, H)``, through wrap
 (``OMoEModel``, PEFT) and under FSDP (the hook changes an input, not a parameter). Transformers'
 ``logits_to_keep`` does the same only in recent 5.x releases (per-row positions as a 2-D mask). A
 model without ``get_output_embeddings`` (e.g. a test stub) gets the full forward, then the gather.
+Inside :func:`omoe.models.prefix.frozen_prefix` the frozen blocks below the lowest adapter come from
+a cache.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import contextlib
 import torch
 
 from omoe.errors import OMoEError
+from omoe.models.prefix import active_cache
 
 
 @contextlib.contextmanager
@@ -60,5 +63,10 @@ def selected_logits(
     """
     if getattr(model, "get_output_embeddings", None) is None:
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[keep]  # (M, V)
+    cache = active_cache(model)
+    if cache is not None:  # blocks 0..depth-1 from the cache (omoe.models.prefix), the rest run here
+        hidden = cache.hidden(input_ids, attention_mask)  # (B, T, H) entering block `depth`
+        with cache.top_blocks(), logits_only_at(model, keep):
+            return model(inputs_embeds=hidden, attention_mask=attention_mask, use_cache=False).logits
     with logits_only_at(model, keep):
         return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits

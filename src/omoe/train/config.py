@@ -280,6 +280,13 @@ class TrainConfig:
         default=False,
         metadata={"help": "recompute each transformer block in backward: less memory, ~30% slower"},
     )
+    prefix_cache: bool = field(
+        default=True,
+        metadata={
+            "help": "when adapter.layers leaves the bottom blocks frozen, remember their output per training "
+            "sequence (omoe.models.prefix) instead of recomputing it every epoch; same results up to rounding"
+        },
+    )
     fsdp: bool = field(
         default=False,
         metadata={

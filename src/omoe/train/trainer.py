@@ -32,6 +32,7 @@ from omoe.data.tokenize import IGNORE_INDEX
 from omoe.errors import ConfigError, NonFiniteError
 from omoe.models.logits import selected_logits
 from omoe.models.precision import autocast_dtype, precision_name
+from omoe.models.prefix import frozen_prefix
 from omoe.train import checkpoint as ckpt
 from omoe.train import distributed, fsdp
 from omoe.train.config import ORTHOGONAL_FSDP, TrainConfig
@@ -49,6 +50,7 @@ _RESUME_FREE = (
     "checkpoint_every",
     "keep_checkpoints",
     "gradient_checkpointing",
+    "prefix_cache",
     "logging.",
 )
 
@@ -244,6 +246,9 @@ def _train(config: TrainConfig, info: distributed.DistInfo, model, tokenizer, re
     coef = config.adapter.router_aux_loss_coef
     history: list[dict] = []
     clock = time.perf_counter()
+    cleanup = contextlib.ExitStack()
+    if config.prefix_cache:  # the frozen blocks below the lowest adapter: once per sequence, not per epoch
+        cleanup.enter_context(frozen_prefix(model, getattr(model, "frozen_depth", 0)))
     try:
         for step in range(start_step, total_steps):
             t0 = time.perf_counter()
@@ -315,6 +320,7 @@ def _train(config: TrainConfig, info: distributed.DistInfo, model, tokenizer, re
                 )
                 distributed.barrier(info)
     finally:
+        cleanup.close()
         bar.close()
         if logger is not None:
             logger.close()

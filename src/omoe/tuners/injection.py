@@ -63,7 +63,8 @@ def _available(names) -> str:
 
 
 def resolve_targets(model: nn.Module, config: OMoEConfig) -> dict[str, nn.Linear]:
-    """Linear layers named by ``config.targets``; every target must match at least once."""
+    """Linear layers named by ``config.targets`` in the blocks ``config.layers`` names; every target
+    must match at least once."""
     linears = {n: m for n, m in linear_modules(model).items() if not n.endswith("lm_head")}
     missing = [t for t in config.targets if not any(_matches(n, t) for n in linears)]
     if missing:
@@ -71,7 +72,21 @@ def resolve_targets(model: nn.Module, config: OMoEConfig) -> dict[str, nn.Linear
             f"target module(s) {', '.join(missing)} not found in {type(model).__name__}; "
             f"its linear layers are: {_available(linears)}"
         )
-    return {n: m for n, m in linears.items() if any(_matches(n, t) for t in config.targets)}
+    targets = {n: m for n, m in linears.items() if any(_matches(n, t) for t in config.targets)}
+    if config.layers == "all":
+        return targets
+    blocks = {name: block_index(name) for name in targets}
+    adapted = config.adapted_blocks(target_blocks(model, config))
+    return {n: m for n, m in targets.items() if blocks[n] in adapted}
+
+
+def target_blocks(model: nn.Module, config: OMoEConfig) -> int:
+    """Number of blocks of ``model``: one more than the highest block index of a target linear."""
+    linears = linear_modules(model)
+    names = [n for n in linears if not n.endswith("lm_head") and any(_matches(n, t) for t in config.targets)]
+    num_blocks = max(block_index(n) for n in names) + 1
+    check_layers_in_range(config, num_blocks)
+    return num_blocks
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -147,6 +162,8 @@ def _inject_ffn(method: MixtureOfExperts, model, config, token_mask) -> None:
     num_blocks = max(blocks.values()) + 1
     check_layers_in_range(config, num_blocks)
     orthogonal_blocks = config.orthogonal_blocks(num_blocks)
+    adapted = config.adapted_blocks(num_blocks)
+    mlps = {name: mlp for name, mlp in mlps.items() if blocks[name] in adapted}
     for name, mlp in mlps.items():
         experts = {
             p: _experts(config, getattr(mlp, f"{p}_proj"), config.num_experts)
@@ -167,9 +184,7 @@ def _inject_linear(method: MixtureOfExperts, model, config, token_mask) -> None:
     """Topology 'linear': a router and experts on every target linear."""
     targets = resolve_targets(model, config)
     blocks = {name: block_index(name) for name in targets}
-    num_blocks = max(blocks.values()) + 1
-    check_layers_in_range(config, num_blocks)
-    orthogonal_blocks = config.orthogonal_blocks(num_blocks)
+    orthogonal_blocks = config.orthogonal_blocks(target_blocks(model, config))
     for name, linear in targets.items():
         router = method.router(config, linear.in_features, linear.weight.device)
         experts = _experts(config, linear, config.num_experts)

@@ -17,7 +17,7 @@ from omoe.config import CONFIG_NAME, OMoEConfig
 from omoe.errors import AdapterLoadError, ConfigError
 from omoe.layers import ExpertCapture, MoELayer, RouterStats
 from omoe.layers.quantized import keep_4bit_trainable
-from omoe.tuners.injection import adapter_modules, inject_adapters, set_module
+from omoe.tuners.injection import adapter_modules, block_index, inject_adapters, set_module
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_PREFIX = "omoe_"  # every adapter sub-module's attribute name starts with it
@@ -72,6 +72,12 @@ class OMoEModel(nn.Module):
             share = aux_token_share(labels, kwargs.get("num_items_in_batch"))
             outputs["loss"] = outputs.loss + coef * (aux if share is None else aux * share)
         return outputs
+
+    @property
+    def frozen_depth(self) -> int:
+        """How many bottom blocks carry no adapter (0 unless ``layers`` leaves the lowest ones out):
+        their output never changes, so :func:`omoe.models.prefix.frozen_prefix` may cache it."""
+        return min(block_index(name) for name, _ in adapter_modules(self.base_model))
 
     def generate(self, *args, **kwargs):
         """The wrapped model's ``generate``; router statistics of the prompt pass skip padding."""
