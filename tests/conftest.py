@@ -35,3 +35,15 @@ def tiny_model_dir(tmp_path_factory, smollm2_tokenizer):
     tiny_llama(0).save_pretrained(path)
     smollm2_tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (tiny models: threads only add overhead on the shared CPUs);
+    use it for a whole module with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -20,12 +20,7 @@ IDS = torch.arange(3, 27).view(2, 12)
 METHODS = ["lora", "dora", "moe", "omoe"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -144,25 +139,15 @@ def test_omoe_train_with_quantization_4bit_trains_and_saves_a_loadable_adapter(
     from omoe.models import load_model
     from omoe.train import train
     from omoe.train.config import load_config
+    from test_train import TINY  # the training test's tiny run: boolq, 4 steps of 4 records, cutoff 32
 
     settings = {
+        **TINY,
         "model": str(tiny_model_dir),
         "quantization": "4bit",
         "output_dir": str(tmp_path / "run"),
-        "data.tasks": ["boolq"],
-        "data.limit": 16,
-        "data.cutoff_len": 32,
-        "data.train_on_inputs": True,
-        "optim.global_batch_size": 4,
-        "optim.micro_batch_size": 2,
-        "optim.max_steps": 4,
-        "optim.warmup_steps": 1,
-        "optim.lr": 1e-2,
-        "logging.progress": False,
-        "logging.tensorboard": False,
-        "device": "cpu",
-        "precision": "fp32",
     }
+    settings["precision"] = "fp32"
     result = train(load_config(None, settings))
     assert quantization_of(result.model.base_model.model.layers[0].mlp.base_layer.up_proj) == "4bit"
     losses = [row["loss"] for row in result.history]
