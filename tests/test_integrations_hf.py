@@ -8,7 +8,7 @@ import torch
 from torch.testing import assert_close
 
 from omoe import OMoEConfig, OMoEModel, get_omoe_model
-from omoe.errors import AdapterLoadError
+from omoe.errors import AdapterLoadError, ConfigError
 from omoe.models.testing import tiny_llama
 
 datasets = pytest.importorskip("datasets")
@@ -142,6 +142,19 @@ def test_gradient_checkpointing_gives_the_gradients_of_the_plain_backward():
     for name in grads[0]:
         assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6, msg=name)
     assert any(g.abs().sum() > 0 for n, g in grads[1].items() if "router" in n)
+
+
+def test_reentrant_checkpointing_with_an_aux_loss_is_refused_not_silently_ungradiented():
+    """Reentrant checkpointing runs the blocks without autograd: the router statistics, and so the
+    aux loss, would carry no gradient (top-1 routers would get none at all)."""
+    model = _model(method="moe", num_experts=4, top_k=1, router_aux_loss_coef=1.0)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    model.train()
+    ids = torch.arange(3, 27).view(2, 12)
+    with pytest.raises(ConfigError, match="use_reentrant=False"):
+        model(input_ids=ids, labels=ids)
+    with torch.no_grad():  # evaluation needs no gradient
+        assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
 
 
 def test_aux_loss_under_gradient_accumulation_is_weighted_by_the_token_share():

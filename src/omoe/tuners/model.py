@@ -68,6 +68,12 @@ class OMoEModel(nn.Module):
         coef = self.omoe_config.router_aux_loss_coef
         if self.omoe_config.is_moe and getattr(outputs, "loss", None) is not None and coef > 0:
             aux = self.aux_loss()
+            if torch.is_grad_enabled() and not aux.requires_grad and self._routers_trainable():
+                raise ConfigError(
+                    "the router's aux loss has no gradient: the blocks ran without autograd (reentrant "
+                    "activation checkpointing, use_reentrant=True); use use_reentrant=False (transformers' "
+                    "default) or router_aux_loss_coef 0"
+                )
             outputs["aux_loss"] = aux
             share = aux_token_share(labels, kwargs.get("num_items_in_batch"))
             outputs["loss"] = outputs.loss + coef * (aux if share is None else aux * share)
@@ -78,6 +84,9 @@ class OMoEModel(nn.Module):
         """How many bottom blocks carry no adapter (0 unless ``layers`` leaves the lowest ones out):
         their output never changes, so :func:`omoe.models.prefix.frozen_prefix` may cache it."""
         return min(block_index(name) for name, _ in adapter_modules(self.base_model))
+
+    def _routers_trainable(self) -> bool:
+        return any(p.requires_grad for m in self.moe_layers().values() for p in m.omoe_router.parameters())
 
     def generate(self, *args, **kwargs):
         """The wrapped model's ``generate``; router statistics of the prompt pass skip padding."""
