@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from omoe.bench import cpu_peak_bytes
 from omoe.cli.main import main
 from omoe.errors import ConfigError
 from omoe.experiment import stats
 from omoe.experiment.report import available_tables, build_tables, format_mean_std, load_results, mean_std
 from omoe.experiment.runner import RESULT_KIND
+from omoe.models.memory import cpu_peak_bytes
 from omoe.train.config import TrainConfig
 
 

@@ -35,32 +35,18 @@ from torch import nn
 
 from omoe import OMoEConfig, get_omoe_model
 from omoe.data.tokenize import IGNORE_INDEX
+from omoe.errors import ConfigError
+from omoe.eval.batching import length_sorted_batches, pad
+from omoe.eval.label import next_token_scores
+from omoe.experiment.efficiency import DEFAULT_METHODS, METHODS, table3_main
 from omoe.models.logits import logits_only_at
+from omoe.models.memory import saved_tensor_bytes
 from omoe.models.precision import PRECISIONS, autocast, autocast_dtype, precision_name
-from omoe.utils import json_text
+from omoe.models.shapes import PRESETS
+from omoe.models.testing import random_llama
+from omoe.train.trainer import token_loss_sum
+from omoe.utils import atomic_write_text, json_text
 
-PRESETS = {
-    # A LLaMA small enough for 2 CPU cores; the same family and layout as LLaMA-2.
-    "cpu-small": dict(
-        hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
-        num_key_value_heads=8, vocab_size=32000, batch=4, seq=256,
-    ),
-    # For tests of the benchmark itself: seconds, numbers meaningless.
-    "tiny": dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=1000, batch=2, seq=32,
-    ),
-    # The bundled SmolLM2-135M-Instruct's shape (random weights; the quickstart's model).
-    "smollm2-135m": dict(
-        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-        num_key_value_heads=3, vocab_size=49152, batch=8, seq=128,
-    ),
-    # The paper's LLaMA-2 7B shape, random bf16 weights (GPU).
-    "llama2-7b": dict(
-        hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-        num_key_value_heads=32, vocab_size=32000, batch=4, seq=512,
-    ),
-}  # fmt: skip
 ALL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -155,45 +141,10 @@ def full_logits_loss_sum(model, labels: torch.Tensor, **inputs) -> torch.Tensor:
     )
 
 
-def _saved_bytes(step: Callable[[], torch.Tensor]) -> int:
-    seen: dict[tuple, int] = {}
-
-    def pack(t: torch.Tensor):
-        try:
-            storage = t.untyped_storage()
-            seen[(storage.data_ptr(), t.device)] = storage.nbytes()
-        except (RuntimeError, NotImplementedError):
-            pass
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = step()
-    loss.backward()
-    return sum(seen.values())
-
-
-def cpu_peak_bytes(fn: Callable[[], object]) -> int:
-    """Peak bytes of tensors alive at once while ``fn`` runs, over those it allocates (CPU). CPU has
-    no ``max_memory_allocated``; the profiler records each op's own allocations and frees
-    (``self_cpu_memory_usage``), and their running sum in time order peaks where ``fn`` holds the
-    most. Op granularity: a peak inside one op that it frees before returning is not seen."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    live = peak = 0
-    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
-        live += event.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak
-
-
 def bench_variant(
     variant: Variant, model, ids, labels, *, r, steps, warmup, amp_dtype
 ) -> tuple[Result, list]:
     """Time ``steps`` training steps of ``variant`` after ``warmup`` untimed ones; the step times too."""
-    from omoe.train.trainer import token_loss_sum
-
     device = ids.device
     wrapped, unload = _wrap(variant.adapter, model, r)
     wrapped.train()
@@ -240,7 +191,7 @@ def bench_variant(
         sync()
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
-    saved = _saved_bytes(forward) / 2**20
+    saved = saved_tensor_bytes(forward) / 2**20
     if opt is not None:
         opt.zero_grad(set_to_none=True)
         opt.state.clear()
@@ -260,9 +211,6 @@ def bench_variant(
 def bench_label_eval(model, prompts, *, batch_size, r, amp_dtype) -> dict[str, float]:
     """Seconds to score ``prompts`` with the label protocol on the default OMoE: as it was (full
     logits, the old precision) and as it is (last-position logits, ``amp_dtype``)."""
-    from omoe.eval.batching import length_sorted_batches, pad
-    from omoe.eval.label import next_token_scores
-
     device = next(model.parameters()).device
     wrapped, unload = _wrap("omoe", model, r)
     wrapped.eval()
@@ -297,35 +245,6 @@ def bench_label_eval(model, prompts, *, batch_size, r, amp_dtype) -> dict[str, f
     return seconds
 
 
-def bench_device(device=None) -> tuple[torch.device, torch.dtype]:
-    """The device (default: CUDA when available) and weight dtype (bf16 on CUDA, fp32 on CPU)."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cpu":
-        # Denormal floats (e.g. from SiLU's tails) make CPU arithmetic several times slower; the
-        # flag applies to every variant alike. The train/eval commands set it too.
-        torch.set_flush_denormal(True)
-    return device, (torch.bfloat16 if device.type == "cuda" else torch.float32)
-
-
-def random_llama(preset: str, device=None, layers: int | None = None, seed: int = 0):
-    """A frozen random ``LlamaForCausalLM`` of ``preset``'s shape: bf16 on CUDA, fp32 on CPU.
-
-    Returns ``(model, LlamaConfig fields, device, dtype)``.
-    """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    spec = {k: v for k, v in PRESETS[preset].items() if k not in ("batch", "seq")}
-    if layers:
-        spec["num_hidden_layers"] = layers
-    device, dtype = bench_device(device)
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = LlamaForCausalLM(LlamaConfig(**spec, dtype=dtype)).to(dtype)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model, spec, device, dtype
-
-
 def run(
     preset="cpu-small",
     variants=tuple(VARIANTS),
@@ -347,7 +266,7 @@ def run(
     Returns ``(meta, results, evals, ratios)``: the run's settings, one :class:`Result` per variant,
     one :class:`EvalResult` per label-evaluation run, and issue 10's ratios with their targets.
     """
-    batch_size, seq_len = batch or PRESETS[preset]["batch"], seq or PRESETS[preset]["seq"]
+    batch_size, seq_len = batch or PRESETS[preset].batch, seq or PRESETS[preset].seq
     model, spec, device, dtype = random_llama(preset, device, layers, seed)
     amp_dtype = autocast_dtype(precision, device)
     g = torch.Generator().manual_seed(seed)
@@ -503,7 +422,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--variants",
         default=None,
-        help=f"comma list from {', '.join(VARIANTS)} (with --table3: from {', '.join(_table3_methods())})",
+        help=f"comma list from {', '.join(VARIANTS)} (with --table3: from {', '.join(tuple(METHODS))})",
     )
     parser.add_argument("--steps", type=int, default=5, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant")
@@ -548,19 +467,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def _table3_methods() -> tuple[str, ...]:
-    from omoe.experiment.efficiency import METHODS
-
-    return tuple(METHODS)
-
-
 def main_from_args(args: argparse.Namespace) -> int:
-    from omoe.errors import ConfigError
-
     if args.table3:
-        from omoe.experiment.efficiency import DEFAULT_METHODS
-
-        allowed, default = _table3_methods(), DEFAULT_METHODS
+        allowed, default = tuple(METHODS), DEFAULT_METHODS
     else:
         allowed, default = tuple(VARIANTS), tuple(VARIANTS)
     variants = [v.strip() for v in (args.variants or ",".join(default)).split(",") if v.strip()]
@@ -587,8 +496,6 @@ def main_from_args(args: argparse.Namespace) -> int:
     if args.precision == "fp16" and not on_cuda:
         raise ConfigError("--precision fp16 needs CUDA; allowed on CPU: auto, fp32, bf16")
     if args.table3:
-        from omoe.experiment.efficiency import table3_main
-
         return table3_main(args, args.preset or ("llama2-7b" if on_cuda else "smollm2-135m"), variants)
     preset = args.preset or ("llama2-7b" if on_cuda else "cpu-small")
     meta, results, evals, ratio_rows = run(
@@ -608,8 +515,6 @@ def main_from_args(args: argparse.Namespace) -> int:
     )
     print(format_table(meta, results, evals, ratio_rows))
     if args.output:
-        from omoe.utils import atomic_write_text
-
         report = {
             "kind": "omoe.bench.train",
             "meta": meta,

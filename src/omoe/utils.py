@@ -9,6 +9,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from omoe.errors import NonFiniteError
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None], suffix: str = ".tmp") -> None:
     """Let ``write(tmp_path)`` fill a temporary file beside ``path``, then rename it into place:
@@ -41,8 +43,6 @@ def json_text(obj, **kwargs) -> str:
         where = _non_finite_path(obj)
         if where is None:
             raise
-        from omoe.errors import NonFiniteError
-
         path, value = where
         raise NonFiniteError(f"{path or 'the value'} is {value}; strict JSON cannot hold it") from None
 

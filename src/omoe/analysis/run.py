@@ -29,9 +29,16 @@ import torch
 
 from omoe.analysis.collect import LayerRecord, choose_layers, collect
 from omoe.analysis.metrics import by_expert, pairwise_cosine, rank_summary
+from omoe.analysis.tsne import Panel, embed, figure
+from omoe.config import CONFIG_NAME
 from omoe.data.loader import load_task
 from omoe.data.tasks import get_task
 from omoe.errors import ConfigError
+from omoe.eval.batching import progress_bar
+from omoe.eval.run import load_adapter, versions
+from omoe.models import load_model
+from omoe.train import options
+from omoe.tuners.model import WEIGHTS_NAME, read_adapter_config
 from omoe.utils import atomic_save_figure, atomic_write_text, json_text
 
 VIEWS = ("mixed", "raw")
@@ -59,9 +66,6 @@ class AnalysisSpec:
     labels: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        from omoe.config import CONFIG_NAME
-        from omoe.tuners.model import WEIGHTS_NAME
-
         if not self.adapters:
             raise ConfigError("give at least one --adapter DIR")
         for a in self.adapters:
@@ -104,9 +108,6 @@ def base_model_of(adapter: str | Path, override: str | None = None) -> str:
     if override:
         return override
     adapter = Path(adapter)
-    from omoe.train import options
-    from omoe.tuners.model import read_adapter_config
-
     if (adapter / "train_config.yaml").is_file():
         model = options.read_yaml(adapter / "train_config.yaml").get("model")
         if model:
@@ -122,8 +123,6 @@ def analyze(spec: AnalysisSpec, model=None, tokenizer=None) -> dict:
 
     ``model``/``tokenizer``: an in-memory base model for every adapter (tests).
     """
-    from omoe.eval.run import load_adapter, versions
-
     start = time.perf_counter()
     records = load_task(spec.task, spec.split)
     loaded: dict[str, tuple] = {}
@@ -134,8 +133,6 @@ def analyze(spec: AnalysisSpec, model=None, tokenizer=None) -> dict:
             base, tok = model, tokenizer
         else:
             if name not in loaded:
-                from omoe.models import load_model
-
                 loaded.clear()
                 loaded[name] = load_model(name, device=spec.device)
             base, tok = loaded[name]
@@ -219,9 +216,6 @@ def _layer_summary(rec: LayerRecord, view: str) -> tuple[dict, dict[int, torch.T
 
 
 def _tsne_figure(spec: AnalysisSpec, panels: list[list[tuple[LayerRecord, dict]]]):
-    from omoe.analysis.tsne import Panel, embed, figure
-    from omoe.eval.batching import progress_bar
-
     blocks = sorted({rec.name: rec.block for column in panels for rec, _ in column}.items(),
                     key=lambda kv: (kv[1], kv[0]))  # fmt: skip
     names = [n for n, _ in blocks]

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import argparse
 
+from omoe.analysis import AnalysisSpec, analyze, summary_table
 from omoe.errors import ConfigError
+from omoe.utils import quiet_transformers
 
 
 def register(subparsers) -> None:
@@ -56,9 +58,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from omoe.analysis import AnalysisSpec, analyze, summary_table
-    from omoe.utils import quiet_transformers
-
     if args.no_progress:
         quiet_transformers()
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from omoe.errors import ConfigError
 from omoe.eval.evaluate import PROTOCOLS
-from omoe.eval.run import EvalSpec
+from omoe.eval.report import markdown_table, predictions_path, write_results
+from omoe.eval.run import EvalSpec, load_records_for, run_eval
 
 
 def register(subparsers) -> None:
@@ -46,9 +47,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from omoe.eval.report import markdown_table, predictions_path, write_results
-    from omoe.eval.run import load_records_for, run_eval
-
     if args.protocol is None:
         raise ConfigError(f"--protocol is required; one of: {', '.join(PROTOCOLS)}")
     if args.output is None:

@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import argparse
 
+from omoe.experiment import cell_state, load_experiment, run_experiment
+from omoe.utils import quiet_transformers
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
@@ -53,9 +56,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from omoe.experiment import cell_state, load_experiment, run_experiment
-    from omoe.utils import quiet_transformers
-
     if args.no_progress:
         quiet_transformers()
 

@@ -19,7 +19,15 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+import yaml
+
+from omoe.data.prompts import build_prompt
 from omoe.errors import ConfigError
+from omoe.eval.batching import length_sorted_batches, model_device, pad
+from omoe.models import load_model
+from omoe.tuners.model import OMoEModel
+from omoe.utils import atomic_write_text, json_text
 
 TEMPLATES = ("alpaca", "raw", "chat")
 
@@ -96,8 +104,6 @@ def base_model_of(args: argparse.Namespace) -> str:
         return args.model
     config = Path(args.adapter) / "train_config.yaml"
     if config.is_file():
-        import yaml
-
         model = (yaml.safe_load(config.read_text()) or {}).get("model")
         if isinstance(model, str) and model:
             return model
@@ -107,8 +113,6 @@ def base_model_of(args: argparse.Namespace) -> str:
 
 
 def render(records: list[dict], template: str, tokenizer) -> list[str]:
-    from omoe.data.prompts import build_prompt
-
     if template == "alpaca":
         return [build_prompt(r, with_output=False) for r in records]
     text = [r["instruction"] + (f"\n{r['input']}" if r["input"] else "") for r in records]
@@ -137,9 +141,6 @@ def run(args: argparse.Namespace) -> int:
     records = read_prompts(args)  # bad input fails before the model loads
     model_name = base_model_of(args)
 
-    from omoe.models import load_model
-    from omoe.tuners.model import OMoEModel
-
     base, tokenizer = load_model(
         model_name, dtype=args.dtype, device=args.device, quantization=args.quantization
     )
@@ -149,8 +150,6 @@ def run(args: argparse.Namespace) -> int:
     titles = [r["instruction"].strip().splitlines()[0][:200] for r in records]
     answers = generate(model, tokenizer, prompts, titles, args, out=sys.stdout)
     if args.output:
-        from omoe.utils import atomic_write_text, json_text
-
         rows = [
             {"prompt": r["instruction"], "input": r["input"], "answer": a} for r, a in zip(records, answers)
         ]
@@ -164,10 +163,7 @@ def generate(
 ) -> list[str]:
     """Answer each prompt; one prompt streams its tokens to ``out``, several are printed per batch
     (under ``[n] title``, n = the prompt's number)."""
-    import torch
     from transformers import GenerationConfig
-
-    from omoe.eval.batching import length_sorted_batches, model_device, pad
 
     config = GenerationConfig(
         max_new_tokens=args.max_new_tokens,

@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 
+import torch
+
+from omoe import get_omoe_model
 from omoe.config import OMoEConfig
 from omoe.errors import ConfigError
 
@@ -33,8 +37,6 @@ BASELINES = {
 
 
 def _parse_value(text: str):
-    import json
-
     try:
         return json.loads(text)
     except json.JSONDecodeError:
@@ -77,10 +79,7 @@ def shape_config(shape: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
-
-    from omoe import get_omoe_model
 
     if args.model:
         config = AutoConfig.from_pretrained(args.model, local_files_only=True)

@@ -21,6 +21,9 @@ covers one prompt format: results that mix alpaca and moe-peft cells need --prom
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from omoe.experiment.report import build_tables, load_results, write_tables
 
 
 def register(subparsers) -> None:
@@ -52,10 +55,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from omoe.experiment.report import build_tables, load_results, write_tables
-
     results = load_results(args.results, args.prompt)
     which = [t.strip() for spec in args.table or [] for t in spec.split(",") if t.strip()]
     tables = build_tables(results, which or None, args.x_key, args.reference)

@@ -19,7 +19,8 @@ import argparse
 import os
 
 from omoe.train import options
-from omoe.train.config import TrainConfig
+from omoe.train.config import TrainConfig, load_config
+from omoe.train.trainer import train
 
 ALIASES = {
     "data-file": "data.data_file",
@@ -53,8 +54,6 @@ def register(subparsers) -> None:
 
 
 def resolve(args: argparse.Namespace) -> TrainConfig:
-    from omoe.train.config import load_config
-
     return load_config(args.config, options.overrides_from_args(args, TrainConfig))
 
 
@@ -63,8 +62,6 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(config.to_yaml(), end="")
         return 0
-    from omoe.train.trainer import train
-
     result = train(config, resume=args.resume)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0

@@ -14,6 +14,7 @@ from collections import Counter
 from omoe.data.loader import load_task
 from omoe.data.tasks import FULL_TRAIN_SPLIT, TASKS, VAL_SPLIT
 from omoe.data.tokenize import tokenize_dataset
+from omoe.models import load_tokenizer
 
 
 def stats_table(tokenizer) -> str:
@@ -56,8 +57,6 @@ def main() -> None:
         "--model", default="smollm2-135m-instruct", help="whose tokenizer measures the lengths"
     )
     args = parser.parse_args()
-    from omoe.models import load_tokenizer
-
     print(
         f"Token counts per record, tokenizer of {args.model}: alpaca = prompt + response + EOS, "
         "moe-peft = prompt + label token.\n"

@@ -6,15 +6,18 @@ import json
 import platform
 import time
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
 
+from omoe import OMoEModel
 from omoe.data.loader import bundled_file, load_task
 from omoe.data.prompts import PROMPT_FORMATS, render_many
 from omoe.data.tasks import TASK_NAMES, Task, get_task, parse_task_list
-from omoe.errors import AdapterLoadError, ConfigError, OMoEError
+from omoe.errors import AdapterLoadError, ConfigError
 from omoe.eval.evaluate import evaluate, get_protocol
+from omoe.models import load_model
 from omoe.models.precision import PRECISIONS
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -115,11 +118,7 @@ def read_adapter_config(adapter: str | Path) -> dict:
 
 
 def load_adapter(model, adapter: str | Path):
-    """Wrap ``model`` with a saved adapter via the core API (imported lazily)."""
-    try:
-        from omoe import OMoEModel
-    except ImportError as err:
-        raise OMoEError(f"cannot load adapter {adapter}: omoe.OMoEModel is not available ({err})") from None
+    """Wrap ``model`` with a saved adapter (frozen, for evaluation)."""
     return OMoEModel.from_pretrained(model, str(adapter), is_trainable=False)
 
 
@@ -156,8 +155,6 @@ def run_eval(
     if task_records is None:
         task_records = load_records_for(spec)
     adapter_config = read_adapter_config(spec.adapter) if spec.adapter else None
-
-    from omoe.models import load_model
 
     model, tokenizer = load_model(spec.model, dtype=spec.dtype, device=spec.device)
     if spec.adapter:
@@ -210,8 +207,6 @@ def versions() -> dict:
     import transformers
 
     try:
-        from importlib.metadata import version
-
         omoe_version = version("omoe")
     except Exception:  # not installed as a distribution
         omoe_version = None

@@ -10,7 +10,7 @@ measures, for the base model and each method in turn (adapters injected, measure
 - adapter MiB: bytes of the adapter's parameters;
 - peak MiB: on CUDA ``torch.cuda.max_memory_allocated`` during generation; on CPU, which has no
   such counter, the bytes of the parameters and buffers plus the peak of the tensors generation
-  holds at once (``omoe.bench.cpu_peak_bytes``: the profiler's per-op allocations, a separate
+  holds at once (``omoe.models.memory.cpu_peak_bytes``: the profiler's per-op allocations, a separate
   untimed run); and its excess over the base model's;
 - train activations MiB: bytes of the tensors autograd saves in one training forward on the same
   batch (``omoe bench``'s ``saved_tensors_hooks`` count), device independent.
@@ -22,10 +22,17 @@ import statistics
 import sys
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import torch
 
 from omoe import OMoEConfig, get_omoe_model
+from omoe.experiment.report import BENCH_KIND, Results, table3
+from omoe.experiment.runner import hardware
+from omoe.models import load_model
+from omoe.models.memory import cpu_peak_bytes, saved_tensor_bytes
+from omoe.models.testing import bench_device, random_llama
+from omoe.utils import atomic_write_text, json_text
 
 # name -> adapter config (None = the frozen base model), with the rank filled in by build_config.
 METHODS = {
@@ -47,9 +54,6 @@ def build_config(method: str, r: int) -> OMoEConfig | None:
 
 def _pretrained(name: str, device=None):
     """A loadable model's real weights, frozen: bf16 on CUDA, fp32 on CPU, as ``random_llama``."""
-    from omoe.bench import bench_device
-    from omoe.models import load_model
-
     device, dtype = bench_device(device)
     model, _ = load_model(name, dtype=dtype, device=device)
     for p in model.parameters():
@@ -59,8 +63,6 @@ def _pretrained(name: str, device=None):
 
 def measure(model, method: str, ids, *, r, new_tokens, autocast_dtype) -> dict:
     """One variant once: inject, time one generate, count memory, unload."""
-    from omoe.bench import _saved_bytes, cpu_peak_bytes
-
     device = ids.device
     config = build_config(method, r)
     wrapped = model if config is None else get_omoe_model(model, config)
@@ -102,7 +104,7 @@ def measure(model, method: str, ids, *, r, new_tokens, autocast_dtype) -> dict:
             return wrapped(inputs_embeds=embeds, labels=ids).loss
 
     wrapped.train()
-    saved = _saved_bytes(forward) / 2**20
+    saved = saved_tensor_bytes(forward) / 2**20
     result = {
         "method": method,
         "trainable": sum(p.numel() for p in adapter),
@@ -125,10 +127,6 @@ def run(preset: str, methods=DEFAULT_METHODS, *, batch=8, new_tokens=32, prompt_
         r=16, device=None, layers=None, seed=0, model_name=None) -> dict:  # fmt: skip
     """Measure ``methods`` on a random model of ``preset``'s shape, or on the real weights of
     ``model_name``; the JSON ``omoe report --table 3`` reads."""
-    from omoe.bench import random_llama
-    from omoe.experiment.report import BENCH_KIND
-    from omoe.experiment.runner import hardware
-
     if model_name is None:
         model, spec, device, dtype = random_llama(preset, device, layers, seed)
         weights = "random weights"
@@ -187,11 +185,6 @@ def run(preset: str, methods=DEFAULT_METHODS, *, batch=8, new_tokens=32, prompt_
 
 def table3_main(args, preset: str, methods: list[str]) -> int:
     """``omoe bench --table3``: measure, print the table, write the JSON (``--output``)."""
-    from pathlib import Path
-
-    from omoe.experiment.report import Results, table3
-    from omoe.utils import atomic_write_text, json_text
-
     data = run(
         preset, tuple(methods), batch=args.batch or 8, new_tokens=args.new_tokens,
         prompt_tokens=args.prompt_tokens, rounds=args.rounds, r=args.r, device=args.device, layers=args.layers,

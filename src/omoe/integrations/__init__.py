@@ -1,1 +1,2 @@
-"""Glue to other libraries: Hugging Face Trainer / TRL (``hf``), PEFT's adapter format (``peft``)."""
+"""Glue to other libraries: Hugging Face Trainer / TRL (``hf``). PEFT's adapter layout is
+:mod:`omoe.tuners.peft_format`."""

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from omoe.errors import ConfigError, OMoEError
+from omoe.models.quantize import bnb_config
 from omoe.utils import json_text
 
 BUILTIN_MODELS: dict[str, tuple[str, str, str]] = {
@@ -117,8 +118,6 @@ def load_model(
 
     quantized = {}
     if quantization != "none":
-        from omoe.models.quantize import bnb_config
-
         quantized = {"quantization_config": bnb_config(quantization, torch_dtype), "device_map": {"": device}}
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, local_files_only=True, **quantized)
     tokenizer = _prepare_tokenizer(_auto_tokenizer(tok_dir))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from omoe.config import OMoEConfig
 from omoe.data.prompts import PROMPT_FORMATS
-from omoe.data.tasks import FULL_TRAIN_SPLIT, get_task
+from omoe.data.tasks import FULL_TRAIN_SPLIT, TASKS, get_task
 from omoe.errors import ConfigError
 from omoe.models.quantize import check_quantization
 from omoe.optim import OrthogonalConfig
@@ -119,8 +119,6 @@ class DataConfig:
 
 
 def _tasks():
-    from omoe.data.tasks import TASKS
-
     return TASKS
 
 

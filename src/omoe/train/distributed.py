@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from omoe.errors import ConfigError
+
 
 @dataclass
 class DistInfo:
@@ -44,8 +46,6 @@ def setup(device: str = "auto") -> DistInfo:
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            from omoe.errors import ConfigError
-
             raise ConfigError("device cuda requested but CUDA is not available; use device cpu or auto")
         if dev.index is None:
             dev = torch.device("cuda", local_rank if world_size > 1 else torch.cuda.current_device())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import textwrap
 import types
 import typing
 from pathlib import Path
@@ -281,8 +282,6 @@ def _yaml_lines(obj, indent: int, lines: list[str]) -> None:
 
 
 def _wrap(text: str, width: int) -> list[str]:
-    import textwrap
-
     return textwrap.wrap(text, width=max(width, 40)) if text else []
 
 

@@ -17,7 +17,9 @@ from omoe.config import CONFIG_NAME, OMoEConfig
 from omoe.errors import AdapterLoadError, ConfigError
 from omoe.layers import ExpertCapture, MoELayer, RouterStats
 from omoe.layers.quantized import keep_4bit_trainable
+from omoe.tuners import peft_format
 from omoe.tuners.injection import adapter_modules, block_index, inject_adapters, set_module
+from omoe.version import __version__
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_PREFIX = "omoe_"  # every adapter sub-module's attribute name starts with it
@@ -180,8 +182,6 @@ class OMoEModel(nn.Module):
         ``format``: ``"omoe"``, or ``"peft"`` for PEFT's own layout (methods lora and dora), which
         ``peft.PeftModel.from_pretrained(base, directory)`` loads.
         """
-        from omoe.integrations import peft_format
-
         if format not in peft_format.FORMATS:
             raise ConfigError(f"unknown adapter format {format!r}; allowed: {', '.join(peft_format.FORMATS)}")
         if format == "peft":
@@ -192,8 +192,6 @@ class OMoEModel(nn.Module):
             state_dict = self.adapter_state_dict()
         tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
         base_name = getattr(getattr(self.base_model, "config", None), "_name_or_path", None)
-        from omoe import __version__
-
         with tempfile.TemporaryDirectory(dir=directory, prefix=".tmp-") as tmp:
             if format == "peft":
                 peft_format.write_peft(tmp, self.omoe_config, tensors, base_name)
@@ -228,8 +226,6 @@ class OMoEModel(nn.Module):
                     "and never unpickles (convert with safetensors.torch.save_file)"
                 )
             raise FileNotFoundError(f"no {WEIGHTS_NAME} in {directory}")
-        from omoe.integrations import peft_format
-
         if peft_format.is_peft_adapter(directory):
             config, state = peft_format.read_peft(directory)
             wrapped = cls(model, config)
