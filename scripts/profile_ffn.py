@@ -11,19 +11,18 @@ import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from omoe import OMoEConfig, get_omoe_model
+from omoe.models.shapes import SHAPES
 
 
 def main() -> None:
     torch.set_num_threads(1)
     torch.set_flush_denormal(True)
     torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=576, intermediate_size=1536, num_hidden_layers=1, num_attention_heads=9,
-        num_key_value_heads=3, vocab_size=1000,
-    )  # fmt: skip
+    # One block of SmolLM2's shape; a small untied vocabulary (the embeddings are not profiled).
+    config = SHAPES["smollm2-135m"].llama_config(num_hidden_layers=1, vocab_size=1000, tie_word_embeddings=False)
     base_mlp = LlamaForCausalLM(config).model.layers[0].mlp.requires_grad_(False)
     model = LlamaForCausalLM(config)
     get_omoe_model(model, OMoEConfig(target_modules=["gate_proj", "up_proj", "down_proj"]))

@@ -10,6 +10,7 @@ from torch.testing import assert_close
 from omoe import OMoEConfig, OMoEModel, get_omoe_model
 from omoe.errors import AdapterLoadError, ConfigError, TargetNotFoundError
 from omoe.layers import ExpertMixer, MoEFeedForward, MoELinear, OrthogonalMixer
+from omoe.models.shapes import SHAPES
 from omoe.models.testing import tiny_llama
 
 CASES = {
@@ -227,16 +228,6 @@ def test_linear_topology_puts_a_router_on_every_target():
 
 
 # ----------------------------------------------------------------------------- parameter fidelity
-LLAMA2_7B = dict(
-    hidden_size=4096,
-    intermediate_size=11008,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=32,
-    vocab_size=32000,
-)
-
-
 @pytest.mark.parametrize(
     "kwargs,expected",
     [
@@ -250,10 +241,10 @@ LLAMA2_7B = dict(
     ],
 )
 def test_trainable_parameters_match_the_paper_on_llama2_7b_shape(kwargs, expected):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     with torch.device("meta"):
-        base = LlamaForCausalLM(LlamaConfig(**LLAMA2_7B))
+        base = LlamaForCausalLM(SHAPES["llama2-7b"].llama_config())
     model = get_omoe_model(base, OMoEConfig(**kwargs))
     trainable, total = model.get_nb_trainable_parameters()
     assert trainable == expected

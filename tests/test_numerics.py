@@ -16,6 +16,7 @@ import torch
 
 from omoe import OMoEConfig, get_omoe_model
 from omoe.layers import DoRAExperts, LoRAExperts, MoEFeedForward, OrthogonalMixer, Router
+from omoe.models.shapes import SHAPES
 from omoe.models.testing import tiny_llama
 
 # ---------------------------------------------------------------- (a) untrained adapter == base model
@@ -114,7 +115,10 @@ def test_dora_scale_minus_one_is_zero_untrained_and_equals_m_over_n_minus_one_tr
 
 # ---------------------------------------------------------------- (b) bf16 fidelity of small E'
 
-FIDELITY_SHAPES = {"llama2-7b": (4096, 11008), "smollm2": (576, 1536)}  # (hidden, intermediate)
+FIDELITY_SHAPES = {  # (hidden, intermediate)
+    name: (SHAPES[shape].hidden_size, SHAPES[shape].intermediate_size)
+    for name, shape in (("llama2-7b", "llama2-7b"), ("smollm2", "smollm2-135m"))
+}
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 

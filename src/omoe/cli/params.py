@@ -14,15 +14,8 @@ import torch
 from omoe import get_omoe_model
 from omoe.config import OMoEConfig
 from omoe.errors import ConfigError
+from omoe.models.shapes import SHAPES, get_shape
 
-# LLaMA-family shapes (hidden, intermediate, layers, heads, kv heads, vocab).
-SHAPES = {
-    "smollm2-135m": (576, 1536, 30, 9, 3, 49152),
-    "llama2-7b": (4096, 11008, 32, 32, 32, 32000),
-    "llama2-13b": (5120, 13824, 40, 40, 40, 32000),
-    "llama2-70b": (8192, 28672, 80, 64, 8, 32000),
-    "llama3-8b": (4096, 14336, 32, 32, 8, 128256),
-}
 # The methods compared in the paper, on one line each.
 BASELINES = {
     "LoRA r16": dict(method="lora"),
@@ -60,24 +53,6 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def shape_config(shape: str):
-    """The ``LlamaConfig`` of one of :data:`SHAPES` (for models built on the meta device)."""
-    from transformers import LlamaConfig
-
-    if shape not in SHAPES:
-        raise ConfigError(f"unknown shape {shape!r}; allowed: {', '.join(SHAPES)}")
-    h, i, n, heads, kv, vocab = SHAPES[shape]
-    return LlamaConfig(
-        hidden_size=h,
-        intermediate_size=i,
-        num_hidden_layers=n,
-        num_attention_heads=heads,
-        num_key_value_heads=kv,
-        vocab_size=vocab,
-        tie_word_embeddings=shape == "smollm2-135m",
-    )
-
-
 def run(args: argparse.Namespace) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -85,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         config = AutoConfig.from_pretrained(args.model, local_files_only=True)
         name = args.model
     else:
-        config = shape_config(args.shape)
+        config = get_shape(args.shape).llama_config()
         name = args.shape
     fields = {f.name for f in dataclasses.fields(OMoEConfig)}
     overrides = {}
