@@ -30,12 +30,12 @@ class BeforeMoEFeedForward(MoEFeedForward):
 
     def _hidden(self, x, indices, g0, u0):
         adapted = [self.omoe_experts[p] for p in ("gate", "up") if p in self.omoe_experts]
-        if torch.is_grad_enabled() and adapted and not any(e.is_dora for e in adapted):
+        if torch.is_grad_enabled() and adapted and all(e.low_rank_delta for e in adapted):
             zg, zu = self._low_rank_codes(x, indices)
             return checkpoint(self._hidden_from_codes, g0, u0, zg, zu, indices, use_reentrant=False)
         act = self.base_layer.act_fn
         g, u = (
-            base + self.omoe_experts[p](x, indices, base, getattr(self.base_layer, f"{p}_proj"))
+            base + self.omoe_experts[p](x, indices, lambda b=base: b, getattr(self.base_layer, f"{p}_proj"))
             for p, base in (("gate", g0), ("up", u0))
         )
         return act(g0) * u0, act(g) * u
@@ -55,7 +55,7 @@ class BeforeMoEFeedForward(MoEFeedForward):
         h0, h = self._hidden(x2, routing.indices, g0, u0)  # (N, I), (S, N, I)
         d0 = mlp.down_proj(h0)  # (N, H)
         dh = mlp.down_proj(h)  # (S, N, H), no bias
-        reps = dh - d0 + self.omoe_experts["down"](h, routing.indices, dh, mlp.down_proj)
+        reps = dh - d0 + self.omoe_experts["down"](h, routing.indices, lambda: dh, mlp.down_proj)
         return (d0 + self.mix(reps, routing).to(d0.dtype)).view(*shape[:-1], -1)
 
 

@@ -9,11 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from omoe.errors import ConfigError
+from omoe.registry import METHODS, ROUTINGS, TOPOLOGIES
 from omoe.utils import json_text
 
-METHODS = ("lora", "dora", "moe", "omoe")
-TOPOLOGIES = ("ffn", "linear")
-ROUTINGS = ("soft", "topk", "switch")
 LAYER_PRESETS = ("all", "none", "low", "medium", "high", "low+medium", "low+high", "medium+high")
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 CONFIG_NAME = "adapter_config.json"
@@ -30,7 +28,7 @@ class OMoEConfig:
 
     method: str = field(
         default="omoe",
-        metadata={"help": f"adapter method, one of {METHODS}: single LoRA/DoRA, vanilla MoE-LoRA, or OMoE"},
+        metadata={"help": f"adapter method, one of {tuple(METHODS)}: single LoRA/DoRA, vanilla MoE-LoRA, or OMoE"},
     )
     topology: str = field(
         default="ffn",
@@ -46,7 +44,7 @@ class OMoEConfig:
     routing: str | None = field(
         default=None,
         metadata={
-            "help": f"one of {ROUTINGS}; None = 'soft' when top_k is None, else 'topk' (renormalised). "
+            "help": f"one of {tuple(ROUTINGS)}; None = 'soft' when top_k is None, else 'topk' (renormalised). "
             "'switch' = top-1 weighted by its raw probability"
         },
     )
@@ -98,7 +96,7 @@ class OMoEConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"unknown method {self.method!r}; allowed: {', '.join(METHODS)}")
-        if self.method == "dora":
+        if METHODS[self.method].dora:
             self.use_dora = True
         if self.topology not in TOPOLOGIES:
             raise ConfigError(f"unknown topology {self.topology!r}; allowed: {', '.join(TOPOLOGIES)}")
@@ -148,13 +146,14 @@ class OMoEConfig:
         if isinstance(self.orthogonal_layers, tuple):
             self.orthogonal_layers = list(self.orthogonal_layers)
         _parse_layers(self.orthogonal_layers, 32)  # syntax check now; bounds checked on injection
-        if self.method != "omoe" and self.orthogonal_layers != "all":
+        if not METHODS[self.method].orthogonal and self.orthogonal_layers != "all":
             raise ConfigError(f"orthogonal_layers applies to method 'omoe' only, not {self.method!r}")
 
     # ---------------------------------------------------------------- derived
     @property
     def is_moe(self) -> bool:
-        return self.method in ("moe", "omoe")
+        """A mixture of experts (a router and experts), not a single adapter per linear."""
+        return METHODS[self.method].mixture
 
     @property
     def targets(self) -> tuple[str, ...]:
@@ -166,7 +165,7 @@ class OMoEConfig:
 
     def orthogonal_blocks(self, num_blocks: int) -> set[int]:
         """Indices of the blocks that get OMoE (0-based), for a model with ``num_blocks`` blocks."""
-        if self.method != "omoe":
+        if not METHODS[self.method].orthogonal:
             return set()
         return _parse_layers(self.orthogonal_layers, num_blocks)
 

@@ -68,9 +68,18 @@ class LoRAExperts(nn.Module):
     lora_B: ``(k, out, r)``, zeros, so every expert starts as the identity change.
     Dropout is applied to the input once, shared by the experts of this linear (as PEFT does for
     each adapted linear).
+
+    Variants (LoRA here, DoRA in :class:`DoRAExperts`, as PEFT's ``LoraVariant``) share one
+    interface, so the layers that hold them never ask which one they hold: ``init_magnitude``,
+    ``forward`` (given the frozen output as a callable, which only a variant that rescales the
+    frozen map calls), ``merged_weight``, and ``low_rank_delta``, which says what a layer may keep
+    for backward.
     """
 
-    is_dora = False
+    is_dora = False  # which variant, for references and reports; layers read the interface instead
+    # The delta is (alpha/r) B A x alone, so a layer may keep only the codes z = A x for backward and
+    # recompute B z (DoRA's delta also rescales the frozen output: it needs more).
+    low_rank_delta = True
     # Set by an OMoE layer: compute B z in float32 under float16 autocast. Gram-Schmidt's gradient
     # at B = 0 is 1/eps times LoRA's, beyond float16's range; B z is rank r, so this is cheap.
     float32_up = False
@@ -85,6 +94,9 @@ class LoRAExperts(nn.Module):
         self.lora_B = nn.Parameter(torch.empty(num_experts, out_features, r, device=device, dtype=f32))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_parameters()
+
+    def init_magnitude(self, base_layer: nn.Module) -> None:
+        """Nothing to initialise from the frozen layer: LoRA has no magnitude."""
 
     def reset_parameters(self) -> None:
         if self.lora_A.device.type == "meta":
@@ -125,20 +137,26 @@ class LoRAExperts(nn.Module):
                 return expert_matmul(z.to(B.dtype), B, indices) * self.scaling
         return expert_matmul(z, B, indices) * self.scaling
 
-    def forward(self, x, indices=None, base_out=None, base_layer=None) -> torch.Tensor:
+    def forward(self, x, indices=None, frozen_out=None, base_layer=None) -> torch.Tensor:
         """Delta of each slot's expert over the frozen output, ``(S, N, out)``.
 
         Args:
             x: ``(N, in)`` or ``(S, N, in)`` input of the linear.
             indices: ``(S, N)`` expert per slot, or ``None`` for dense slots (``S = k``).
-            base_out, base_layer: the frozen ``W0 x`` without bias and the frozen module; used by
-                DoRA only.
+            frozen_out: a callable returning the frozen ``W0 x`` without bias, ``(N, out)`` or
+                ``(S, N, out)``; called only by variants that rescale it (DoRA), so LoRA never pays for it.
+            base_layer: the frozen module (DoRA's weight norm).
         """
         return self.lora(self.dropout(x), indices)
 
     def delta_weight(self) -> torch.Tensor:
         """``(alpha/r) B A`` of each expert, ``(k, out, in)`` (for merging)."""
         return torch.bmm(self.lora_B, self.lora_A) * self.scaling
+
+    @torch.no_grad()
+    def merged_weight(self, base_layer: nn.Module, expert: int = 0) -> torch.Tensor:
+        """``W0 + (alpha/r) B A`` of one expert, float32 ``(out, in)``."""
+        return base_layer.weight.float() + self.delta_weight()[expert].float()
 
     def extra_repr(self) -> str:
         return (
@@ -188,6 +206,7 @@ class DoRAExperts(LoRAExperts):
     """
 
     is_dora = True
+    low_rank_delta = False
 
     def __init__(self, in_features, out_features, num_experts=1, r=16, alpha=32.0, dropout=0.0, device=None):
         super().__init__(in_features, out_features, num_experts, r, alpha, dropout, device)
@@ -233,6 +252,13 @@ class DoRAExperts(LoRAExperts):
         """Row norms of each expert's ``W0 + s B A``, ``(k, out)``, at least float32, no graph."""
         return (self._frozen_sq_norm(base_layer) + self.norm_excess(base_layer)).clamp_min(0).sqrt()
 
+    @torch.no_grad()
+    def merged_weight(self, base_layer: nn.Module, expert: int = 0) -> torch.Tensor:
+        """``m * (W0 + s B A) / ||W0 + s B A||`` of one expert, float32 ``(out, in)``."""
+        w = super().merged_weight(base_layer, expert)  # (out, in)
+        norm = self.weight_norm(base_layer)[expert]  # (out,)
+        return w * (self.lora_magnitude[expert].float() / norm)[:, None]
+
     def scale_minus_one(self, base_layer: nn.Module) -> torch.Tensor:
         """``m/n - 1`` per expert and output row, ``(k, out)``; exactly 0 for an untrained expert.
 
@@ -248,11 +274,11 @@ class DoRAExperts(LoRAExperts):
             n_minus_n0 = extra / (n + n0).clamp_min(torch.finfo(n.dtype).tiny)
         return ((self.lora_magnitude - n0) - n_minus_n0) / n
 
-    def forward(self, x, indices=None, base_out=None, base_layer=None) -> torch.Tensor:
+    def forward(self, x, indices=None, frozen_out=None, base_layer=None) -> torch.Tensor:
         x_dropped = self.dropout(x)
         lora = self.lora(x_dropped, indices)  # (S, N, out)
         rel = self.scale_minus_one(base_layer)  # (k, out) m/n - 1
         rel = rel[:, None, :] if indices is None else rel[indices]  # (S, 1|N, out)
         # PEFT's form: with dropout active the magnitude rescales the frozen map of the dropped input.
-        base_dropped = _frozen_matmul(base_layer, x_dropped) if self.dropout_active else base_out
+        base_dropped = _frozen_matmul(base_layer, x_dropped) if self.dropout_active else frozen_out()
         return rel * base_dropped + (1 + rel) * lora

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
@@ -24,8 +26,8 @@ class AdapterLinear(nn.Module):
         if self.disabled:
             return y
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
-        base_out = without_bias(y, self.base_layer) if self.omoe_lora.is_dora else None
-        delta = self.omoe_lora(x2, None, base_out, self.base_layer).squeeze(0)  # (N, out)
+        frozen = partial(without_bias, y, self.base_layer)  # (N, out) W0 x, if the variant asks
+        delta = self.omoe_lora(x2, None, frozen, self.base_layer).squeeze(0)  # (N, out)
         return y + delta.view(y.shape).to(y.dtype)
 
     @torch.no_grad()
@@ -37,9 +39,4 @@ class AdapterLinear(nn.Module):
                 f"cannot merge into a {kind}-quantized frozen weight (the sum would be rounded to the "
                 "quantization grid); load the base model unquantized, load the adapter, then merge"
             )
-        w0 = self.base_layer.weight
-        w = w0.float() + self.omoe_lora.delta_weight()[0].float()  # (out, in)
-        if self.omoe_lora.is_dora:
-            norm = self.omoe_lora.weight_norm(self.base_layer)[0]  # (out,)
-            w = w * (self.omoe_lora.lora_magnitude[0].float() / norm)[:, None]
-        return w.to(w0.dtype)
+        return self.omoe_lora.merged_weight(self.base_layer).to(self.base_layer.weight.dtype)  # (out, in)

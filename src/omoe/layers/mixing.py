@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from omoe.layers.gram_schmidt import gram_schmidt
 
 
 class ExpertMixer(nn.Module):
-    """Vanilla MoE-LoRA, OMoE Eq. (3): ``sum_s G(x)_s E_s(x)``."""
+    """Vanilla MoE-LoRA, OMoE Eq. (3): ``sum_s G(x)_s E_s(x)``.
 
-    orthogonal = False
+    The mixers share one interface, so an MoE layer never asks which one it holds: ``transform``,
+    ``forward`` (mix), ``combine`` (both, as training runs them), and two properties the layer may
+    use: ``linear`` (the mixture is linear in the representations, so it commutes with a frozen
+    linear map) and ``wide_gradients`` (its backward can leave float16's range).
+    """
+
+    orthogonal = False  # which mixer, for reports (omoe analyze)
+    linear = True
+    wide_gradients = False
 
     def transform(self, reps: torch.Tensor) -> torch.Tensor:
         """The representations that get mixed; identity for vanilla MoE."""
@@ -21,11 +30,18 @@ class ExpertMixer(nn.Module):
         """reps: ``(S, N, d)`` (already transformed); weights: ``(S, N)``. Returns ``(N, d)``."""
         return torch.einsum("sn,snd->nd", weights.to(reps.dtype), reps)
 
+    def combine(self, reps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Transform and mix: reps ``(S, N, d)``, weights ``(S, N)``; returns ``(N, d)``."""
+        return self(self.transform(reps), weights)
+
 
 class OrthogonalMixer(ExpertMixer):
     """OMoE, Eq. (5)-(7): Gram-Schmidt on the Stiefel manifold, then the router's mixture."""
 
     orthogonal = True
+    linear = False
+    # Gram-Schmidt's gradient at E = 0 is 1/eps times LoRA's: beyond float16's range.
+    wide_gradients = True
 
     def __init__(self, orthogonalize: bool = True, normalize: bool = True, eps: float = 1e-6):
         super().__init__()
@@ -33,6 +49,13 @@ class OrthogonalMixer(ExpertMixer):
 
     def transform(self, reps: torch.Tensor) -> torch.Tensor:
         return gram_schmidt(reps, orthogonalize=self.orthogonalize, normalize=self.normalize, eps=self.eps)
+
+    def combine(self, reps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            # Gram-Schmidt keeps several float32 (S, N, d) intermediates for backward; keep only
+            # its input and recompute the (cheap, elementwise) rest in the backward pass.
+            return checkpoint(super().combine, reps, weights, use_reentrant=False)
+        return super().combine(reps, weights)
 
     def extra_repr(self) -> str:
         return f"orthogonalize={self.orthogonalize}, normalize={self.normalize}, eps={self.eps:g}"

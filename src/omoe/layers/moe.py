@@ -1,11 +1,14 @@
 """Mixture-of-LoRA-experts layers: one router and ``k`` experts per FFN block or per linear.
 
 Vanilla MoE-LoRA and OMoE share these layers; they differ only in the mixer (``ExpertMixer`` or
-``OrthogonalMixer``). Every tensor of experts is slot-major ``(S, N, d)``; see ``experts.py``.
+``OrthogonalMixer``), as LoRA and DoRA experts differ only in their variant object: the layers call
+both through one interface and never ask which one they hold. Every tensor of experts is
+slot-major ``(S, N, d)``; see ``experts.py``.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -100,14 +103,7 @@ class MoELayer(nn.Module):
                 None if all_reps is None else all_reps.detach(),
             )
             return self.mixer(mixed, routing.weights)
-        if self.mixer.orthogonal and torch.is_grad_enabled():
-            # Gram-Schmidt keeps several float32 (S, N, d) intermediates for backward; keep only
-            # its input and recompute the (cheap, elementwise) rest in the backward pass.
-            return checkpoint(self._transform_and_mix, reps, routing.weights, use_reentrant=False)
-        return self._transform_and_mix(reps, routing.weights)
-
-    def _transform_and_mix(self, reps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return self.mixer(self.mixer.transform(reps), weights)
+        return self.mixer.combine(reps, routing.weights)
 
 
 class MoELinear(MoELayer):
@@ -119,7 +115,7 @@ class MoELinear(MoELayer):
     def __init__(self, base_layer: nn.Linear, router, experts: LoRAExperts, mixer, token_mask=None):
         super().__init__(base_layer, router, mixer, token_mask)
         self.omoe_experts = experts
-        experts.float32_up = mixer.orthogonal
+        experts.float32_up = mixer.wide_gradients
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)  # (..., out)
@@ -127,11 +123,11 @@ class MoELinear(MoELayer):
             return y
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         routing = self.route(x2)
-        base_out = without_bias(y, self.base_layer) if self.omoe_experts.is_dora else None
-        reps = self.omoe_experts(x2, routing.indices, base_out, self.base_layer)  # (S, N, out)
+        frozen = partial(without_bias, y, self.base_layer)  # (N, out) W0 x, if the variant asks
+        reps = self.omoe_experts(x2, routing.indices, frozen, self.base_layer)  # (S, N, out)
         all_reps = None
         if self.wants_all_experts(routing):
-            all_reps = self.omoe_experts(x2, None, base_out, self.base_layer)  # (E, N, out)
+            all_reps = self.omoe_experts(x2, None, frozen, self.base_layer)  # (E, N, out)
         return y + self.mix(reps, routing, all_reps).view(y.shape).to(y.dtype)
 
 
@@ -186,7 +182,7 @@ class MoEFeedForward(MoELayer):
         super().__init__(base_layer, router, mixer, token_mask)
         self.omoe_experts = nn.ModuleDict({k: v for k, v in experts.items() if v is not None})
         for e in self.omoe_experts.values():
-            e.float32_up = mixer.orthogonal
+            e.float32_up = mixer.wide_gradients
 
     def _hidden(self, x: torch.Tensor, indices, g0: torch.Tensor, u0: torch.Tensor):
         """Frozen hidden ``h0 = act(g0) * u0``, ``(N, I)``, and each slot's change of it ``dh_s``,
@@ -199,7 +195,7 @@ class MoEFeedForward(MoELayer):
         act = self.base_layer.act_fn
         if not adapted:
             return act(g0) * u0, None
-        if torch.is_grad_enabled() and not any(e.is_dora for e in adapted):
+        if torch.is_grad_enabled() and all(e.low_rank_delta for e in adapted):
             # Keep only the low-rank codes z = A dropout(x), (S, N, r), and recompute the (S, N, I)
             # gate/up deltas and the activation in backward: the hidden then costs about as much
             # memory as plain LoRA's instead of several (S, N, I) tensors per slot.
@@ -222,7 +218,7 @@ class MoEFeedForward(MoELayer):
         return act(g0) * u0, hidden_delta(act, g0, u0, dg, du, self._delta_dtype(g0))
 
     def _delta_dtype(self, g0: torch.Tensor) -> torch.dtype:
-        if g0.dtype == torch.float16 and self.mixer.orthogonal and torch.is_grad_enabled():
+        if g0.dtype == torch.float16 and self.mixer.wide_gradients and torch.is_grad_enabled():
             return torch.float32
         return g0.dtype
 
@@ -231,11 +227,7 @@ class MoEFeedForward(MoELayer):
         if name not in self.omoe_experts:
             return None
         linear = getattr(self.base_layer, f"{name}_proj")
-        experts = self.omoe_experts[name]
-        raw = base_out
-        if experts.is_dora and linear.bias is not None:
-            raw = base_out - linear.bias
-        return experts(x, indices, raw, linear)
+        return self.omoe_experts[name](x, indices, partial(without_bias, base_out, linear), linear)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         mlp = self.base_layer
@@ -249,7 +241,8 @@ class MoEFeedForward(MoELayer):
         h0, dh = self._hidden(x2, idx, g0, u0)  # (N, I) as the base MLP forms it; (S, N, I) or None
 
         down_experts = self.omoe_experts["down"] if "down" in self.omoe_experts else None  # noqa: SIM401 (ModuleDict)
-        if not (self.mixer.orthogonal or self.capture or (down_experts is not None and down_experts.is_dora)):
+        low_rank_down = down_experts is None or down_experts.low_rank_delta
+        if self.mixer.linear and not self.capture and low_rank_down:
             # Vanilla LoRA experts: mixing is linear and commutes with the frozen down projection,
             # sum_s w_s E_s = down(h0 + sum_s w_s dh_s) - down(h0) + sum_s w_s (down expert s)(h_s),
             # so one down matmul replaces S of them (same result as the explicit form below).
@@ -277,17 +270,20 @@ class MoEFeedForward(MoELayer):
         down = self.base_layer.down_proj
         reps = None if dh is None else _frozen_down(down, dh, h0.dtype)  # (S, N, H) W_down dh_s, no bias
         if "down" in self.omoe_experts:
-            experts = self.omoe_experts["down"]
-            base_out = None
-            if experts.is_dora:  # W_down h_s, the frozen output the magnitude rescales
-                d0_raw = d0 if down.bias is None else d0 - down.bias
-                base_out = d0_raw if reps is None else d0_raw + reps
+            frozen = partial(_frozen_down_out, d0, down, reps)  # W_down h_s, if the variant asks
             h = h0 if dh is None else h0 + dh  # (N, I) shared by the slots, or (S, N, I)
-            delta = experts(h, idx, base_out, down)  # (S, N, H)
+            delta = self.omoe_experts["down"](h, idx, frozen, down)  # (S, N, H)
             reps = delta if reps is None else reps + delta
         if reps is None:  # no projection adapted: nothing to add
             reps = d0.new_zeros(slots, *d0.shape)
         return reps
+
+
+def _frozen_down_out(d0: torch.Tensor, down: nn.Module, w_dh: torch.Tensor | None) -> torch.Tensor:
+    """``W_down h_s = W_down h0 + W_down dh_s`` without bias: d0 ``(N, H)`` is ``FFN_0(x)``, w_dh
+    ``(S, N, H)`` the slots' ``W_down dh_s`` or None; returns ``(N, H)`` or ``(S, N, H)``."""
+    d0_raw = d0 if down.bias is None else d0 - down.bias
+    return d0_raw if w_dh is None else d0_raw + w_dh
 
 
 def _frozen_down(down: nn.Module, dh: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-ROUTINGS = ("soft", "topk", "switch")
+from omoe.registry import ROUTINGS
 
 
 class Routing(NamedTuple):
@@ -86,7 +86,7 @@ class Router(nn.Module):
     ):
         super().__init__()
         if routing not in ROUTINGS:
-            raise ValueError(f"routing must be one of {ROUTINGS}, got {routing!r}")
+            raise ValueError(f"routing must be one of {tuple(ROUTINGS)}, got {routing!r}")
         self.num_experts = num_experts
         self.routing = routing
         self.top_k = num_experts if routing == "soft" else (1 if routing == "switch" else top_k)

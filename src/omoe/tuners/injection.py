@@ -1,8 +1,10 @@
 """Find the target modules of a causal LM and replace them by adapter layers.
 
-Methods are objects (``METHODS``): a single adapter per linear (LoRA/DoRA), or a mixture of experts
-(vanilla MoE-LoRA / OMoE) laid out by a topology (``TOPOLOGIES``). Nothing here branches on the
-method's name.
+A method (an entry of :data:`omoe.registry.METHODS`) becomes an injector object: a single adapter
+per linear (LoRA/DoRA), or a mixture of experts (vanilla MoE-LoRA / OMoE) laid out by a topology
+(``INJECT_TOPOLOGY``, one function per name of :data:`omoe.registry.TOPOLOGIES`). The experts'
+variant (LoRA or DoRA) and the mixer (plain or orthogonal) are objects that the layers call
+alike. Nothing here branches on a method's name.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from omoe.layers import (
     Router,
     TokenMask,
 )
+from omoe.registry import METHODS, Method
 
 FFN_PROJECTIONS = ("gate", "up", "down")  # attribute f"{p}_proj" of a gated (LLaMA-family) MLP
 
@@ -105,8 +108,7 @@ def _experts(config: OMoEConfig, linear: nn.Linear, num_experts: int) -> LoRAExp
         dropout=config.dropout,
         device=linear.weight.device,
     )
-    if config.use_dora:
-        experts.init_magnitude(linear)
+    experts.init_magnitude(linear)
     return experts
 
 
@@ -139,7 +141,7 @@ class MixtureOfExperts:
         )
 
     def inject(self, model: nn.Module, config: OMoEConfig, token_mask: TokenMask) -> None:
-        TOPOLOGIES[config.topology](self, model, config, token_mask)
+        INJECT_TOPOLOGY[config.topology](self, model, config, token_mask)
 
 
 def _inject_ffn(method: MixtureOfExperts, model, config, token_mask) -> None:
@@ -192,13 +194,12 @@ def _inject_linear(method: MixtureOfExperts, model, config, token_mask) -> None:
         set_module(model, name, MoELinear(linear, router, experts, mixer, token_mask))
 
 
-TOPOLOGIES = {"ffn": _inject_ffn, "linear": _inject_linear}
-METHODS = {
-    "lora": SingleAdapter(),
-    "dora": SingleAdapter(),  # config.use_dora selects DoRA experts
-    "moe": MixtureOfExperts(orthogonal=False),
-    "omoe": MixtureOfExperts(orthogonal=True),
-}
+INJECT_TOPOLOGY = {"ffn": _inject_ffn, "linear": _inject_linear}
+
+
+def injector(method: Method) -> SingleAdapter | MixtureOfExperts:
+    """The object that injects ``method``'s adapters (config.use_dora selects DoRA experts)."""
+    return MixtureOfExperts(method.orthogonal) if method.mixture else SingleAdapter()
 
 
 def inject_adapters(model: nn.Module, config: OMoEConfig) -> TokenMask:
@@ -206,7 +207,7 @@ def inject_adapters(model: nn.Module, config: OMoEConfig) -> TokenMask:
     for p in model.parameters():
         p.requires_grad_(False)
     token_mask = TokenMask()
-    METHODS[config.method].inject(model, config, token_mask)
+    injector(METHODS[config.method]).inject(model, config, token_mask)
     return token_mask
 
 
