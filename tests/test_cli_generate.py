@@ -89,7 +89,7 @@ def test_base_model_comes_from_train_config_yaml(tiny_model_dir, adapter, tmp_pa
     "extra, message",
     [
         ([], "no prompt: give --prompt"),
-        (["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+        (["--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens must be an integer >= 1"),
         (["--file", "missing.txt"], "--file missing.txt does not exist"),
     ],
 )

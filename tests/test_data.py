@@ -233,7 +233,7 @@ def test_corrupt_gzip_is_a_data_error_naming_the_file(tmp_path):
 def test_load_task_limit_keeps_the_first_records_in_file_order():
     full = load_task("boolq", "test")
     assert load_task("boolq", "test", limit=5) == full[:5]
-    with pytest.raises(ConfigError, match="limit must be a positive integer"):
+    with pytest.raises(ConfigError, match="limit must be an integer >= 1"):
         load_task("boolq", "test", limit=0)
 
 
@@ -332,7 +332,7 @@ def test_truncation_cuts_at_cutoff_and_counts_truncated_examples(smollm2_tokeniz
 
 
 def test_tokenize_rejects_non_positive_cutoff(smollm2_tokenizer):
-    with pytest.raises(ConfigError, match="cutoff_len must be a positive integer"):
+    with pytest.raises(ConfigError, match="cutoff_len must be an integer >= 1"):
         tokenize_dataset(smollm2_tokenizer, [RECORD], cutoff_len=0)
 
 

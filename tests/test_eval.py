@@ -345,7 +345,7 @@ def test_evaluate_restores_training_mode_and_rejects_bad_arguments(smollm2_token
         evaluate(model, smollm2_tokenizer, "boolq", records, "mc")
     with pytest.raises(ConfigError, match="no records"):
         evaluate(model, smollm2_tokenizer, "boolq", [], "label")
-    with pytest.raises(ConfigError, match="batch_size must be a positive integer"):
+    with pytest.raises(ConfigError, match="batch_size must be an integer >= 1"):
         evaluate(model, smollm2_tokenizer, "boolq", records, "label", batch_size=0)
     with pytest.raises(ConfigError, match="apply to protocol generate only"):
         evaluate(model, smollm2_tokenizer, "boolq", records, "label", num_beams=2)
@@ -383,7 +383,7 @@ def tiny_dir(tmp_path_factory, smollm2_tokenizer):
         (["--tasks", "boolq", "--task", "boolq", "--protocol", "label"], "give either --tasks"),
         (
             ["--tasks", "boolq", "--protocol", "label", "--limit", "0"],
-            "--limit must be a positive integer, got 0",
+            "--limit must be an integer >= 1 or null, got 0",
         ),
         (
             ["--tasks", "boolq", "--protocol", "label", "--limit", "abc"],

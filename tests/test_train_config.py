@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from omoe import options
 from omoe.cli.main import main
 from omoe.config import OMoEConfig
 from omoe.errors import ConfigError
-from omoe.train import options
 from omoe.train.config import PAPER_TASKS, TrainConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -44,6 +44,7 @@ from omoe.models.memory import saved_tensor_bytes
 from omoe.models.precision import PRECISIONS, autocast, autocast_dtype, precision_name
 from omoe.models.shapes import PRESETS
 from omoe.models.testing import random_llama
+from omoe.options import check_int
 from omoe.train.trainer import token_loss_sum
 from omoe.utils import atomic_write_text, json_text
 
@@ -478,10 +479,8 @@ def main_from_args(args: argparse.Namespace) -> int:
         raise ConfigError(f"unknown variant(s) {', '.join(bad) or '(none)'}; allowed: {', '.join(allowed)}")
     for name in ("steps", "warmup", "batch", "seq", "r", "layers", "rounds", "threads", "new_tokens",
                  "prompt_tokens", "response", "eval_prompts"):  # fmt: skip
-        value = getattr(args, name)
         low = 0 if name in ("warmup", "eval_prompts") else 1
-        if value is not None and value < low:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+        check_int(f"--{name.replace('_', '-')}", getattr(args, name), low, nullable=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():

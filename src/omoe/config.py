@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from omoe.errors import ConfigError
+from omoe.options import check_int
 from omoe.registry import METHODS, ROUTINGS, TOPOLOGIES
 from omoe.utils import json_text
 
@@ -100,8 +101,8 @@ class OMoEConfig:
             self.use_dora = True
         if self.topology not in TOPOLOGIES:
             raise ConfigError(f"unknown topology {self.topology!r}; allowed: {', '.join(TOPOLOGIES)}")
-        _check_int("r", self.r, 1)
-        _check_int("num_experts", self.num_experts, 1)
+        check_int("r", self.r, 1)
+        check_int("num_experts", self.num_experts, 1)
         if not self.alpha > 0:
             raise ConfigError(f"alpha must be > 0, got {self.alpha}")
         if not 0 <= self.dropout < 1:
@@ -111,7 +112,7 @@ class OMoEConfig:
         if not self.gs_eps > 0:
             raise ConfigError(f"gs_eps must be > 0, got {self.gs_eps}")
         if self.top_k is not None:
-            _check_int("top_k", self.top_k, 1)
+            check_int("top_k", self.top_k, 1)
             if self.top_k > self.num_experts:
                 raise ConfigError(
                     f"top_k={self.top_k} exceeds num_experts={self.num_experts}; allowed: 1..{self.num_experts} or None (soft)"
@@ -199,11 +200,6 @@ class OMoEConfig:
         if not isinstance(data, dict):
             raise ConfigError(f"{path} must hold a JSON object")
         return cls.from_dict(data)
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def _parse_layers(spec: str | list[int], num_blocks: int, key: str = "orthogonal_layers") -> set[int]:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from omoe import options
 from omoe.analysis.collect import LayerRecord, choose_layers, collect
 from omoe.analysis.metrics import by_expert, pairwise_cosine, rank_summary
 from omoe.analysis.tsne import Panel, embed, figure
@@ -37,7 +38,6 @@ from omoe.errors import ConfigError
 from omoe.eval.batching import progress_bar
 from omoe.eval.run import load_adapter, versions
 from omoe.models import load_model
-from omoe.train import options
 from omoe.tuners.model import WEIGHTS_NAME, read_adapter_config
 from omoe.utils import atomic_save_figure, atomic_write_text, json_text
 
@@ -83,14 +83,9 @@ class AnalysisSpec:
             raise ConfigError(
                 f"task {task.name} has no bundled {self.split!r} split; it ships: {', '.join(task.splits)}"
             )
-        for key in ("tokens", "batch_size", "tsne_points"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"--{key.replace('_', '-')} must be an integer >= 1, got {value!r}")
-        if self.tsne_points < 10:
-            raise ConfigError(
-                f"--tsne-points must be >= 10 (t-SNE needs a neighbourhood), got {self.tsne_points}"
-            )
+        for key in ("tokens", "batch_size"):
+            options.check_int(f"--{key.replace('_', '-')}", getattr(self, key), 1)
+        options.check_int("--tsne-points", self.tsne_points, 10)  # t-SNE needs a neighbourhood
         if self.view not in VIEWS:
             raise ConfigError(f"unknown --view {self.view!r}; allowed: {', '.join(VIEWS)}")
         if self.layers is not None and (not self.layers or any(b < 0 for b in self.layers)):

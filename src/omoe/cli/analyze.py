@@ -53,7 +53,6 @@ def register(subparsers) -> None:
     add("--seed", type=int, default=0, help="seeds the subsample and t-SNE")
     add("--device", default="cpu", help="cpu, cuda, cuda:0, ...")
     add("--no-progress", action="store_true", help="hide the progress bars")
-    parser.error = lambda message: parser.exit(2, f"omoe analyze: error: {message}\n")
     parser.set_defaults(func=run)
 
 

@@ -41,8 +41,6 @@ def register(subparsers) -> None:
         )
     parser.add_argument("--output", help="results JSON; predictions go to <stem>.predictions.jsonl beside it")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    # argparse's own errors print the usage too; keep every error of this command to one line.
-    parser.error = lambda message: parser.exit(2, f"omoe eval: error: {message}\n")
     parser.set_defaults(func=run)
 
 

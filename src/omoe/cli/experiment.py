@@ -51,7 +51,6 @@ def register(subparsers) -> None:
     parser.add_argument("--work-dir", help="where each cell's adapter and checkpoints go (default: the "
                         "file's work_dir, else runs/experiments/<experiment>)")  # fmt: skip
     parser.add_argument("--no-progress", action="store_true", help="hide the training and evaluation bars")
-    parser.error = lambda message: parser.exit(2, f"omoe experiment: error: {message}\n")
     parser.set_defaults(func=run)
 
 

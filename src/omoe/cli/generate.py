@@ -26,6 +26,7 @@ from omoe.data.prompts import build_prompt
 from omoe.errors import ConfigError
 from omoe.eval.batching import length_sorted_batches, model_device, pad
 from omoe.models import load_model
+from omoe.options import check_int
 from omoe.tuners.model import OMoEModel
 from omoe.utils import atomic_write_text, json_text
 
@@ -65,7 +66,6 @@ def register(subparsers) -> None:
         help="load the base quantized (bitsandbytes)",
     )
     parser.add_argument("--output", help="also write {prompt, answer} records to this .jsonl file")
-    parser.error = lambda message: parser.exit(2, f"omoe generate: error: {message}\n")
     parser.set_defaults(func=run)
 
 
@@ -134,8 +134,7 @@ def run(args: argparse.Namespace) -> int:
     if not Path(args.adapter).is_dir():
         raise FileNotFoundError(f"adapter directory {args.adapter} does not exist")
     for key in ("max_new_tokens", "batch_size"):
-        if getattr(args, key) < 1:
-            raise ConfigError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+        check_int(f"--{key.replace('_', '-')}", getattr(args, key), 1)
     if not args.temperature >= 0:
         raise ConfigError(f"--temperature must be >= 0, got {args.temperature}")
     records = read_prompts(args)  # bad input fails before the model loads

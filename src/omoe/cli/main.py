@@ -1,7 +1,8 @@
 """``omoe`` command line: one sub-command per module in :mod:`omoe.cli`.
 
 Every sub-command module exposes ``register(subparsers)``, which adds its parser and sets
-``func`` to a callable taking the parsed ``argparse.Namespace``. Every failure prints one line,
+``func`` to a callable taking the parsed ``argparse.Namespace``. Every failure prints one line
+(argparse's own errors too: :func:`build_parser` sets each sub-command's ``parser.error``),
 ``omoe <command>: error: ...``, and exits with :func:`exit_code`'s status: 2 for bad input (usage:
 :class:`OMoEError`, missing files), 1 for a run that failed on valid input (:class:`RunError`, such
 as a NaN loss, or a write that failed: a full disk), 130 after Ctrl-C. ``--debug`` shows the
@@ -49,7 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # sub-command not built yet
             raise
         module.register(subparsers)
+    for name, sub in subparsers.choices.items():
+        sub.error = _one_line_error(sub, f"omoe {name}")
     return parser
+
+
+def _one_line_error(parser: argparse.ArgumentParser, prog: str):
+    """argparse's ``error`` without the usage lines it prints first: ``prog: error: message``."""
+
+    def error(message: str):
+        parser.exit(USAGE, f"{prog}: error: {message}\n")
+
+    return error
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,7 +50,6 @@ def register(subparsers) -> None:
                         "(alpaca or moe-peft); needed when the results mix formats")  # fmt: skip
     parser.add_argument("--reference", metavar="NAME", help="the paired table's reference: a method name or a row "
                         "label (default: the first method whose adapter is OMoE)")  # fmt: skip
-    parser.error = lambda message: parser.exit(2, f"omoe report: error: {message}\n")
     parser.set_defaults(func=run)
 
 

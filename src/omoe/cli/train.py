@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from omoe.train import options
+from omoe import options
 from omoe.train.config import TrainConfig, load_config
 from omoe.train.trainer import train
 

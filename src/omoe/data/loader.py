@@ -14,6 +14,7 @@ from pathlib import Path
 
 from omoe.data.tasks import VAL_SPLIT, Task, get_task, val_indices
 from omoe.errors import ConfigError, OMoEError
+from omoe.options import check_int
 
 RECORD_FIELDS: tuple[str, ...] = ("instruction", "input", "output", "answer")
 DATA_DIR = Path(__file__).resolve().parent / "commonsense"
@@ -109,7 +110,7 @@ def load_task(
     ``limit`` keeps the first ``limit`` records, in file order (as LLM-Adapters evaluates them).
     """
     task = get_task(task)
-    _check_limit(limit, "limit")
+    check_int("limit", limit, 1, nullable=True)
     if data_file is not None:
         records = load_records(data_file, task)
     else:
@@ -126,7 +127,7 @@ def mix_tasks(
     contributes a seeded random subset of that size (all of it if smaller). The result depends only on
     the arguments, not on global random state.
     """
-    _check_limit(limit_per_task, "limit_per_task")
+    check_int("limit_per_task", limit_per_task, 1, nullable=True)
     resolved = [get_task(t) for t in tasks]
     if not resolved:
         raise ConfigError("mix_tasks needs at least one task")
@@ -143,6 +144,3 @@ def mix_tasks(
     return mixed
 
 
-def _check_limit(value: int | None, name: str) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-        raise ConfigError(f"{name} must be a positive integer or None, got {value!r}")

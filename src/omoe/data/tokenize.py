@@ -16,6 +16,7 @@ import torch
 
 from omoe.data.prompts import get_format, render_many
 from omoe.errors import ConfigError
+from omoe.options import check_int
 
 IGNORE_INDEX = -100
 
@@ -60,8 +61,7 @@ def tokenize_dataset(
     than ``cutoff_len`` keep their first ``cutoff_len`` tokens (the EOS, and possibly the answer, are
     lost); their number is returned so callers can report it.
     """
-    if isinstance(cutoff_len, bool) or not isinstance(cutoff_len, int) or cutoff_len <= 0:
-        raise ConfigError(f"cutoff_len must be a positive integer, got {cutoff_len!r}")
+    check_int("cutoff_len", cutoff_len, 1)
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ConfigError("the tokenizer has no EOS token; set tokenizer.eos_token before tokenising")

@@ -23,6 +23,7 @@ from omoe.eval.label import LabelProtocol
 from omoe.eval.loglik import LoglikProtocol
 from omoe.models.precision import autocast, autocast_dtype, precision_name
 from omoe.models.prefix import frozen_prefix
+from omoe.options import check_int
 
 PROTOCOLS = {"generate": GenerateProtocol, "label": LabelProtocol, "loglik": LoglikProtocol}
 # The prompt formats each protocol reads (see the module docstring).
@@ -81,8 +82,7 @@ def evaluate(
     """
     task = get_task(task)
     proto = get_protocol(protocol, max_new_tokens=max_new_tokens, num_beams=num_beams, prompt=prompt)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_int("batch_size", batch_size, 1)
     if not records:
         raise ConfigError(f"no records to evaluate for task {task.name}")
     if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 from omoe.data.prompts import build_prompt
 from omoe.data.tasks import Task
-from omoe.errors import ConfigError
 from omoe.eval.batching import length_sorted_batches, model_device, pad, progress_bar
+from omoe.options import check_int
 
 
 @dataclass
@@ -29,9 +29,7 @@ class GenerateProtocol:
 
     def __post_init__(self) -> None:
         for key in ("max_new_tokens", "num_beams"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+            check_int(key, getattr(self, key), 1)
 
     def options(self) -> dict:
         return {"max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams, "do_sample": False}

@@ -19,6 +19,7 @@ from omoe.errors import AdapterLoadError, ConfigError
 from omoe.eval.evaluate import evaluate, get_protocol
 from omoe.models import load_model
 from omoe.models.precision import PRECISIONS
+from omoe.options import check_int
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -95,9 +96,7 @@ class EvalSpec:
         if self.data_file is not None and self.split is not None:
             raise ConfigError("--split applies to bundled data (--tasks), not to --data-file")
         for key in ("limit", "batch_size"):
-            value = getattr(self, key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-                raise ConfigError(f"--{key.replace('_', '-')} must be a positive integer, got {value!r}")
+            check_int(f"--{key.replace('_', '-')}", getattr(self, key), 1, nullable=key == "limit")
         if self.adapter is not None:
             adapter = Path(self.adapter)
             if not adapter.is_dir():

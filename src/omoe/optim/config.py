@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field
 
 from omoe.errors import ConfigError
+from omoe.options import check_int
 
 PLACEMENTS = ("factored", "full")
 PROJECTS = ("both", "A", "B")
@@ -68,8 +69,8 @@ class OrthogonalConfig:
 
     def __post_init__(self) -> None:
         for key in ("accumulate_steps", "orthogonal_steps", "max_directions"):
-            _check_int(key, getattr(self, key), 1)
-        _check_int("warmup_steps", self.warmup_steps, 0)
+            check_int(f"orthogonal.{key}", getattr(self, key), 1)
+        check_int("orthogonal.warmup_steps", self.warmup_steps, 0)
         if isinstance(self.alpha, bool) or not (
             isinstance(self.alpha, (int, float)) and self.alpha > 0 and math.isfinite(self.alpha)
         ):
@@ -84,7 +85,3 @@ class OrthogonalConfig:
     def cycle(self) -> int:
         return self.accumulate_steps + self.orthogonal_steps
 
-
-def _check_int(key: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"orthogonal.{key} must be an integer >= {minimum}, got {value!r}")

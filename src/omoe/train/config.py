@@ -11,13 +11,13 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from omoe import options
 from omoe.config import OMoEConfig
 from omoe.data.prompts import PROMPT_FORMATS
 from omoe.data.tasks import FULL_TRAIN_SPLIT, TASKS, get_task
 from omoe.errors import ConfigError
 from omoe.models.quantize import check_quantization
 from omoe.optim import OrthogonalConfig
-from omoe.train import options
 
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -114,8 +114,8 @@ class DataConfig:
                         f"task {name} has no bundled train split; tasks with one: {', '.join(with_train)} "
                         "(or pass your own file as data.data_file with data.task)"
                     )
-        _positive("data.limit", self.limit, allow_none=True)
-        _positive("data.cutoff_len", self.cutoff_len)
+        options.check_int("data.limit", self.limit, 1, nullable=True)
+        options.check_int("data.cutoff_len", self.cutoff_len, 1)
 
 
 def _tasks():
@@ -178,21 +178,16 @@ class OptimConfig:
                 raise ConfigError(f"optim.{key} must be in [0, 1), got {getattr(self, key)}")
         if not self.adam_eps > 0:
             raise ConfigError(f"optim.adam_eps must be > 0, got {self.adam_eps}")
-        _positive("optim.global_batch_size", self.global_batch_size)
-        _positive("optim.micro_batch_size", self.micro_batch_size)
+        options.check_int("optim.global_batch_size", self.global_batch_size, 1)
+        options.check_int("optim.micro_batch_size", self.micro_batch_size, 1)
         if self.global_batch_size % self.micro_batch_size:
             raise ConfigError(
                 f"optim.global_batch_size ({self.global_batch_size}) must be a multiple of "
                 f"optim.micro_batch_size ({self.micro_batch_size})"
             )
-        _positive("optim.epochs", self.epochs)
-        _positive("optim.max_steps", self.max_steps, allow_none=True)
-        if (
-            isinstance(self.warmup_steps, bool)
-            or not isinstance(self.warmup_steps, int)
-            or self.warmup_steps < 0
-        ):
-            raise ConfigError(f"optim.warmup_steps must be an integer >= 0, got {self.warmup_steps!r}")
+        options.check_int("optim.epochs", self.epochs, 1)
+        options.check_int("optim.max_steps", self.max_steps, 1, nullable=True)
+        options.check_int("optim.warmup_steps", self.warmup_steps, 0)
         if self.warmup_ratio is not None and not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"optim.warmup_ratio must be in [0, 1) or null, got {self.warmup_ratio}")
         if self.schedule not in SCHEDULES:
@@ -233,7 +228,7 @@ class LoggingConfig:
     )
 
     def __post_init__(self) -> None:
-        _positive("logging.log_every", self.log_every)
+        options.check_int("logging.log_every", self.log_every, 1)
 
 
 @dataclass
@@ -307,8 +302,7 @@ class TrainConfig:
             raise ConfigError("model must name a built-in model, a .gguf file or a model directory")
         if not self.output_dir:
             raise ConfigError("output_dir must be a directory path")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError(f"seed must be an integer >= 0, got {self.seed!r}")
+        options.check_int("seed", self.seed, 0)
         check_quantization(self.quantization)
         if self.quantization != "none" and self.fsdp:
             raise ConfigError(
@@ -318,13 +312,8 @@ class TrainConfig:
             raise ConfigError(f"unknown precision {self.precision!r}; allowed: {', '.join(PRECISIONS)}")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ConfigError(f"unknown device {self.device!r}; allowed: auto, cpu, cuda, cuda:N")
-        if (
-            isinstance(self.checkpoint_every, bool)
-            or not isinstance(self.checkpoint_every, int)
-            or self.checkpoint_every < 0
-        ):
-            raise ConfigError(f"checkpoint_every must be an integer >= 0, got {self.checkpoint_every!r}")
-        _positive("keep_checkpoints", self.keep_checkpoints)
+        options.check_int("checkpoint_every", self.checkpoint_every, 0)
+        options.check_int("keep_checkpoints", self.keep_checkpoints, 1)
         if self.optim.optimizer == "orthogonal":
             if not self.adapter.is_moe:
                 raise ConfigError(
@@ -354,11 +343,3 @@ def load_config(path: str | Path | None = None, overrides: dict[str, object] | N
     for key, value in (overrides or {}).items():
         options.set_dotted(data, TrainConfig, key, value)
     return TrainConfig.from_dict(data)
-
-
-def _positive(key: str, value, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        extra = " or null" if allow_none else ""
-        raise ConfigError(f"{key} must be an integer >= 1{extra}, got {value!r}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from omoe.train import options
+from omoe import options
 from omoe.train.config import TrainConfig
 
 

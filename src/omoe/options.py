@@ -1,0 +1,375 @@
+"""Dataclass configs <-> YAML files <-> ``--section.key value`` flags (the litgpt pattern).
+
+A config is a dataclass whose fields carry ``metadata={"help": ...}`` and whose ``__post_init__``
+checks ranges. Nested dataclass fields are sections; a leaf is addressed by its dotted key
+(``optim.lr``). The same help text becomes the ``--help`` of the command and the comments of the
+YAML written by :func:`to_yaml`, so the two cannot drift apart.
+
+Values are coerced to the annotated type with messages that name the key; unknown keys raise a
+:class:`~omoe.errors.ConfigError` that lists the valid ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import textwrap
+import types
+import typing
+from pathlib import Path
+
+import yaml
+
+from omoe.errors import ConfigError
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+_NONE = {"null", "none", "~", ""}
+
+
+# ---------------------------------------------------------------------------- introspection
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _is_section(tp) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def leaves(cls, prefix: str = "") -> list[tuple[str, dataclasses.Field, object]]:
+    """``(dotted key, field, type)`` of every leaf field of ``cls``, sections flattened in order."""
+    out = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        tp = hints[f.name]
+        if _is_section(tp):
+            out.extend(leaves(tp, f"{prefix}{f.name}."))
+        else:
+            out.append((f"{prefix}{f.name}", f, tp))
+    return out
+
+
+def valid_keys(cls) -> list[str]:
+    return [key for key, _, _ in leaves(cls)]
+
+
+def section_doc(cls) -> str:
+    """The first paragraph of a section class's docstring, on one line."""
+    doc = (cls.__doc__ or "").strip().split("\n\n")[0]
+    return " ".join(line.strip() for line in doc.splitlines())
+
+
+def field_help(f: dataclasses.Field) -> str:
+    return f.metadata.get("help", "")
+
+
+def type_name(tp) -> str:
+    """Human words for an annotation: 'an integer or null', 'a list of strings'."""
+    args = typing.get_args(tp)
+    if _is_union(tp):
+        parts = [type_name(a) for a in args if a is not type(None)]
+        if type(None) in args:
+            parts.append("null")
+        return " or ".join(parts)
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        return f"a list of {_plural(type_name(args[0]) if args else 'values')}"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _plural(words: str) -> str:
+    return {"an integer": "integers", "a number": "numbers", "a string": "strings"}.get(words, words)
+
+
+def _is_union(tp) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType)
+
+
+# ---------------------------------------------------------------------------- ranges
+def check_int(key: str, value, low: int, *, nullable: bool = False) -> None:
+    """Refuse ``value`` unless it is an integer >= ``low`` (or None where ``nullable``): the one
+    range check of every config and command, with one wording."""
+    if value is None and nullable:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ConfigError(f"{key} must be an integer >= {low}{' or null' if nullable else ''}, got {value!r}")
+
+
+# ---------------------------------------------------------------------------- coercion
+def coerce(value, tp, key: str):
+    """Return ``value`` as type ``tp`` or raise a ConfigError naming ``key`` and the expected type."""
+    try:
+        return _coerce(value, tp)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} must be {type_name(tp)}, got {value!r}") from None
+
+
+def _coerce(value, tp):
+    if _is_union(tp):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.strip().lower() in _NONE):
+            if type(None) in args:
+                return None
+            if value is None:
+                raise ValueError
+            # not nullable: 'none' is an ordinary string here (e.g. orthogonal_layers: none)
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg)
+            except (TypeError, ValueError):
+                pass
+        raise ValueError
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        (item,) = typing.get_args(tp) or (object,)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",")]
+        if not isinstance(value, (list, tuple)):
+            raise TypeError
+        return [_coerce(v, item) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+            return value.strip().lower() in _TRUE
+        raise TypeError
+    if tp is int:
+        if isinstance(value, bool):
+            raise TypeError
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            return int(value.strip())
+        raise TypeError
+    if tp is float:
+        if isinstance(value, bool):
+            raise TypeError
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads 2e-4 (no dot) as a string
+            return float(value.strip())
+        raise TypeError
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError
+    return value
+
+
+def parse_cli_value(text: str, tp):
+    """A command-line string as YAML reads it, except that string-typed keys keep the raw text."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if value is None or isinstance(value, (list, dict)):
+        return value
+    accepts_str = tp is str or (_is_union(tp) and str in typing.get_args(tp))
+    return text if accepts_str else value
+
+
+# ---------------------------------------------------------------------------- building
+def build(cls, data: dict | None, prefix: str = ""):
+    """Instantiate ``cls`` from a nested dict (YAML); missing keys keep their defaults.
+
+    Raises:
+        ConfigError: unknown key (listing the valid ones), wrong type, or a value rejected by a
+            ``__post_init__`` check.
+    """
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        where = prefix.rstrip(".") or "the config"
+        raise ConfigError(f"{where} must be a mapping of keys to values, got {data!r}")
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        bad = ", ".join(_shown(f"{prefix}{k}") for k in unknown)
+        raise ConfigError(f"unknown config key(s) {bad}; valid keys: {', '.join(valid_keys_of(cls, prefix))}")
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        tp = hints[name]
+        if _is_section(tp):
+            kwargs[name] = build(tp, data[name], f"{prefix}{name}.")
+        else:
+            kwargs[name] = coerce(data[name], tp, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _shown(key: str) -> str:
+    """A key as typed, or quoted where it holds blanks or unprintable characters (``'\\n'``)."""
+    return key if key.isprintable() and key.strip() == key and " " not in key else repr(key)
+
+
+def valid_keys_of(cls, prefix: str = "") -> list[str]:
+    return [f"{prefix}{k}" for k in valid_keys(cls)]
+
+
+def set_dotted(data: dict, cls, key: str, value) -> None:
+    """Put ``value`` at dotted ``key`` of the nested dict ``data`` (an override)."""
+    types_by_key = {k: tp for k, _, tp in leaves(cls)}
+    if key not in types_by_key:
+        raise ConfigError(f"unknown config key {_shown(key)}; valid keys: {', '.join(types_by_key)}")
+    *sections, leaf = key.split(".")
+    node = data
+    for s in sections:
+        child = node.get(s)
+        if child is None:
+            child = node[s] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{s} must be a mapping of keys to values, got {child!r}")
+        node = child
+    node[leaf] = value
+
+
+def key_type(cls, key: str):
+    return {k: tp for k, _, tp in leaves(cls)}[key]
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Read a YAML mapping; missing, unreadable or malformed files raise one-line errors."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config file not found: {path}")
+    if path.is_dir():
+        raise ConfigError(f"config {path} is a directory; give a YAML file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read config {path}: {err}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = " ".join(str(getattr(err, "problem", None) or err).split())  # one line
+        raise ConfigError(f"{path} is not valid YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of keys to values, got a {type(data).__name__}")
+    return data
+
+
+def to_dict(obj) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def to_yaml(obj, header: str | None = None) -> str:
+    """The config as YAML, each key preceded by its help text as a comment (litgpt style)."""
+    lines = [f"# {h}" if h else "#" for h in header.splitlines()] if header else []
+    _yaml_lines(obj, 0, lines)
+    return "\n".join(lines) + "\n"
+
+
+def _yaml_lines(obj, indent: int, lines: list[str]) -> None:
+    pad = "  " * indent
+    for f in dataclasses.fields(obj):
+        if not f.init:
+            continue
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            if lines and indent == 0:
+                lines.append("")
+            for h in _wrap(section_doc(type(value)), 100 - len(pad)):
+                lines.append(f"{pad}# {h}")
+            lines.append(f"{pad}{f.name}:")
+            _yaml_lines(value, indent + 1, lines)
+            continue
+        for h in _wrap(field_help(f), 100 - len(pad)):
+            lines.append(f"{pad}# {h}")
+        dumped = yaml.safe_dump(value, default_flow_style=True, width=1000).strip()
+        if dumped.endswith("\n..."):
+            dumped = dumped[: -len("\n...")]
+        dumped = dumped.removesuffix("...").strip()
+        lines.append(f"{pad}{f.name}: {dumped}")
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    return textwrap.wrap(text, width=max(width, 40)) if text else []
+
+
+# ---------------------------------------------------------------------------- argparse
+def add_arguments(parser: argparse.ArgumentParser, cls, aliases: dict[str, str] | None = None) -> None:
+    """One ``--key`` flag per leaf of ``cls`` (grouped by section), help = the field's help text.
+
+    Values are kept as strings (``default=SUPPRESS``) and parsed by :func:`overrides_from_args`, so
+    a flag that is not given does not override the YAML.
+    """
+    defaults = cls()
+    aliases = aliases or {}
+    reverse = {v: k for k, v in aliases.items()}
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for key, f, tp in leaves(cls):
+        section = key.rpartition(".")[0]
+        if section not in groups:
+            title = f"{section} options" if section else "config keys"
+            doc = section_doc(_section_class(cls, section)) if section else None
+            groups[section] = parser.add_argument_group(title, doc)
+        default = _get_dotted(defaults, key)
+        help_text = f"{field_help(f)} ({type_name(tp)}; default: {_show(default)})".replace("%", "%%")
+        flags = [f"--{key}"]
+        if key in reverse:
+            flags.append(f"--{reverse[key]}")
+        groups[section].add_argument(
+            *flags, dest=key, default=argparse.SUPPRESS, metavar=_metavar(tp), help=help_text
+        )
+
+
+def _section_class(cls, section: str):
+    for part in section.split("."):
+        cls = _hints(cls)[part]
+    return cls
+
+
+def _get_dotted(obj, key: str):
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _show(value) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
+
+
+def _metavar(tp) -> str:
+    if _is_union(tp):
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        return "A,B,..."
+    return {bool: "BOOL", int: "INT", float: "FLOAT", str: "STR"}.get(tp, "VALUE")
+
+
+def overrides_from_args(args: argparse.Namespace, cls) -> dict[str, object]:
+    """``{dotted key: parsed value}`` for the leaf flags given on the command line."""
+    given = vars(args)
+    out = {}
+    for key, _, tp in leaves(cls):
+        if key in given:
+            out[key] = parse_cli_value(given[key], tp)
+    return out
+
+
+def one_line_errors(parser: argparse.ArgumentParser, prog: str, cls) -> None:
+    """Refuse unknown flags in one line that lists the valid keys of ``cls`` (``prog``: kept for
+    callers; the one-line ``parser.error`` itself is set for every command by ``omoe.cli.main``)."""
+    original = parser.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        ns, extras = original(args, namespace)
+        if extras:
+            flags = [e for e in extras if e.startswith("-")] or extras
+            parser.error(
+                f"unknown option(s) {' '.join(flags)}; valid keys: "
+                + ", ".join(f"--{k}" for k in valid_keys(cls))
+            )
+        return ns, extras
+
+    parser.parse_known_args = parse_known_args
