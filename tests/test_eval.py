@@ -387,7 +387,7 @@ def tiny_dir(tmp_path_factory, smollm2_tokenizer):
         ),
         (
             ["--tasks", "boolq", "--protocol", "label", "--limit", "abc"],
-            "argument --limit: invalid int value",
+            "limit must be an integer or null, got 'abc'",
         ),
         (
             ["--tasks", "winogrande", "--split", "test", "--protocol", "label"],

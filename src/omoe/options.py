@@ -296,15 +296,25 @@ def _wrap(text: str, width: int) -> list[str]:
 
 
 # ---------------------------------------------------------------------------- argparse
-def add_arguments(parser: argparse.ArgumentParser, cls, aliases: dict[str, str] | None = None) -> None:
+def add_arguments(
+    parser: argparse.ArgumentParser,
+    cls,
+    aliases: dict[str, str] | None = None,
+    negations: dict[str, str] | None = None,
+) -> None:
     """One ``--key`` flag per leaf of ``cls`` (grouped by section), help = the field's help text.
 
-    Values are kept as strings (``default=SUPPRESS``) and parsed by :func:`overrides_from_args`, so
-    a flag that is not given does not override the YAML.
+    A key with underscores is also ``--the-key``; a true/false key given alone means true;
+    ``aliases`` maps more flag names to keys, ``negations`` maps ``no-...`` flags to the boolean key
+    they set to false. A list key whose field says ``metadata={"repeat": True}`` takes one item per
+    flag (``--adapter A --adapter B``); other lists are comma-separated. Values are kept as strings
+    (``default=SUPPRESS``) and parsed by :func:`overrides_from_args`, so a flag that is not given
+    does not override the YAML.
     """
-    defaults = cls()
     aliases = aliases or {}
-    reverse = {v: k for k, v in aliases.items()}
+    reverse: dict[str, list[str]] = {}
+    for flag, key in aliases.items():
+        reverse.setdefault(key, []).append(flag)
     groups: dict[str, argparse._ArgumentGroup] = {}
     for key, f, tp in leaves(cls):
         section = key.rpartition(".")[0]
@@ -312,20 +322,59 @@ def add_arguments(parser: argparse.ArgumentParser, cls, aliases: dict[str, str] 
             title = f"{section} options" if section else "config keys"
             doc = section_doc(_section_class(cls, section)) if section else None
             groups[section] = parser.add_argument_group(title, doc)
-        default = _get_dotted(defaults, key)
-        help_text = f"{field_help(f)} ({type_name(tp)}; default: {_show(default)})".replace("%", "%%")
-        flags = [f"--{key}"]
-        if key in reverse:
-            flags.append(f"--{reverse[key]}")
-        groups[section].add_argument(
-            *flags, dest=key, default=argparse.SUPPRESS, metavar=_metavar(tp), help=help_text
-        )
+        default = _default(cls, key)
+        shown = "required" if default is dataclasses.MISSING else f"default: {_show(default)}"
+        help_text = f"{field_help(f)} ({type_name(tp)}; {shown})".replace("%", "%%")
+        flags = [f"--{key}"] + [f"--{a}" for a in reverse.get(key, [])]
+        if "_" in key and f"--{key.replace('_', '-')}" not in flags:
+            flags.append(f"--{key.replace('_', '-')}")
+        kind: dict = {"metavar": _metavar(tp)}
+        if tp is bool:
+            kind.update(nargs="?", const="true")
+        elif f.metadata.get("repeat"):
+            kind.update(action="append")
+        groups[section].add_argument(*flags, dest=key, default=argparse.SUPPRESS, help=help_text, **kind)
+    for flag, key in (negations or {}).items():
+        parser.add_argument(
+            f"--{flag}", dest=key, action="store_const", const="false", default=argparse.SUPPRESS,
+            help=f"the same as --{key} false",
+        )  # fmt: skip
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls, aliases=None, negations=None) -> None:
+    """``--config FILE.yaml`` plus one flag per key of ``cls`` (:func:`add_arguments`), unknown flags
+    refused in one line: a command built from a dataclass, as ``omoe train`` is."""
+    parser.add_argument(
+        "--config", metavar="FILE.yaml", help="YAML file of these keys; flags given override it"
+    )
+    add_arguments(parser, cls, aliases, negations)
+    one_line_errors(parser, parser.prog, cls)
+
+
+def config_data(args: argparse.Namespace, cls) -> dict:
+    """The nested dict of ``--config`` (or empty) with the flags given on top."""
+    data = read_yaml(args.config) if getattr(args, "config", None) else {}
+    for key, value in overrides_from_args(args, cls).items():
+        set_dotted(data, cls, key, value)
+    return data
 
 
 def _section_class(cls, section: str):
     for part in section.split("."):
         cls = _hints(cls)[part]
     return cls
+
+
+def _default(cls, key: str):
+    """The field default of dotted ``key`` (``dataclasses.MISSING`` for a required key), read from
+    the fields: building ``cls()`` could fail its own checks."""
+    *sections, leaf = key.split(".")
+    for part in sections:
+        cls = _hints(cls)[part]
+    f = next(f for f in dataclasses.fields(cls) if f.name == leaf)
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
 
 
 def _get_dotted(obj, key: str):
@@ -353,7 +402,9 @@ def overrides_from_args(args: argparse.Namespace, cls) -> dict[str, object]:
     out = {}
     for key, _, tp in leaves(cls):
         if key in given:
-            out[key] = parse_cli_value(given[key], tp)
+            value = given[key]
+            # A repeatable flag: one item per flag, kept whole (a path may hold a comma).
+            out[key] = value if isinstance(value, list) else parse_cli_value(value, tp)
     return out
 
 

@@ -49,25 +49,39 @@ RESULT_KIND = "omoe.analysis"
 class AnalysisSpec:
     """What to analyse; checked before any model is loaded."""
 
-    adapters: list[str]
-    task: str
-    layers: list[int] | None = None  # block indices; None = first, middle and last MoE block
-    tokens: int = 512
-    output: str = "runs/analysis"
-    model: str | None = None  # base model for every adapter, instead of the one the adapter names
-    split: str | None = None
-    batch_size: int = 8
-    view: str = "mixed"  # what the t-SNE shows: the mixed (orthonormalised) or the raw representations
-    tsne: bool = True
-    tsne_points: int = 600
-    seed: int = 0
-    device: str = "cpu"
-    progress: bool = True
-    labels: list[str] = field(default_factory=list)
+    adapters: list[str] = field(
+        default_factory=list, metadata={"help": "saved adapter directory (--adapter DIR; repeat to compare)",
+                                        "repeat": True},
+    )  # fmt: skip
+    task: str | None = field(default=None, metadata={"help": "task whose test prompts are run through the model"})
+    layers: list[int] | None = field(
+        default=None, metadata={"help": "block indices, e.g. 0,14,29 (default: first, middle and last MoE block)"}
+    )
+    tokens: int = field(default=512, metadata={"help": "analyse at least this many prompt tokens (whole prompts)"})
+    output: str = field(default="runs/analysis", metadata={"help": "where analysis.json, summary.md, tsne.png go"})
+    model: str | None = field(
+        default=None, metadata={"help": "base model for every adapter (default: the one each adapter was trained on)"}
+    )
+    split: str | None = field(
+        default=None, metadata={"help": "bundled split of the task (default: test, or sample where only one ships)"}
+    )
+    batch_size: int = field(default=8, metadata={"help": "prompts per forward pass"})
+    view: str = field(
+        default="mixed", metadata={"help": f"t-SNE of the {' or '.join(VIEWS)} representations (mixed: "
+                                   "orthonormalised for OMoE)"},
+    )  # fmt: skip
+    tsne: bool = field(default=True, metadata={"help": "draw the t-SNE figure (needs matplotlib, scikit-learn)"})
+    tsne_points: int = field(default=600, metadata={"help": "points per t-SNE panel (a seeded subsample), >= 10"})
+    seed: int = field(default=0, metadata={"help": "seeds the subsample and t-SNE"})
+    device: str = field(default="cpu", metadata={"help": "cpu, cuda, cuda:0, ..."})
+    progress: bool = field(default=True, metadata={"help": "show the progress bars"})
+    labels: list[str] = field(default_factory=list, metadata={"help": "a name per adapter (default: its directory)"})
 
     def __post_init__(self) -> None:
         if not self.adapters:
             raise ConfigError("give at least one --adapter DIR")
+        if not self.task:
+            raise ConfigError("give --task T: the task whose test prompts are run through the model")
         for a in self.adapters:
             path = Path(a)
             if not path.is_dir():

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 
+from omoe import options
 from omoe.analysis import AnalysisSpec, analyze, summary_table
-from omoe.errors import ConfigError
 from omoe.utils import quiet_transformers
 
 
@@ -29,55 +29,22 @@ def register(subparsers) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
-    add = parser.add_argument
-    add("--adapter", action="append", required=True, metavar="DIR", help="saved adapter (repeat to compare)")
-    add("--task", required=True, help="task whose test prompts are run through the model")
-    add("--layers", help="comma-separated block indices (default: first, middle and last MoE block)")
-    add("--tokens", type=int, default=512, help="analyse at least this many prompt tokens (whole prompts)")
-    add(
-        "--output",
-        default="runs/analysis",
-        metavar="DIR",
-        help="where analysis.json, summary.md, tsne.png go",
-    )
-    add("--model", help="base model for every adapter (default: the one each adapter was trained on)")
-    add("--split", help="bundled split of the task (default: test, or sample where only one ships)")
-    add("--batch-size", type=int, default=8, help="prompts per forward pass")
-    add(
-        "--view",
-        default="mixed",
-        help="t-SNE of the 'mixed' (orthonormalised for OMoE) or 'raw' representations",
-    )
-    add("--tsne-points", type=int, default=600, help="points per t-SNE panel (a seeded subsample)")
-    add("--no-tsne", action="store_true", help="skip the t-SNE figure (no matplotlib/scikit-learn needed)")
-    add("--seed", type=int, default=0, help="seeds the subsample and t-SNE")
-    add("--device", default="cpu", help="cpu, cuda, cuda:0, ...")
-    add("--no-progress", action="store_true", help="hide the progress bars")
+    options.add_config_arguments(
+        parser, AnalysisSpec, aliases={"adapter": "adapters"},
+        negations={"no-tsne": "tsne", "no-progress": "progress"},
+    )  # fmt: skip
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.no_progress:
+    spec = options.build(AnalysisSpec, options.config_data(args, AnalysisSpec))
+    if not spec.progress:
         quiet_transformers()
-
-    layers = None
-    if args.layers:
-        try:
-            layers = [int(b) for b in args.layers.split(",") if b.strip()]
-        except ValueError:
-            raise ConfigError(
-                f"--layers must be comma-separated block indices, got {args.layers!r}"
-            ) from None
-    spec = AnalysisSpec(
-        adapters=args.adapter, task=args.task, layers=layers, tokens=args.tokens, output=args.output,
-        model=args.model, split=args.split, batch_size=args.batch_size, view=args.view, tsne=not args.no_tsne,
-        tsne_points=args.tsne_points, seed=args.seed, device=args.device, progress=not args.no_progress,
-    )  # fmt: skip
     result = analyze(spec)
     print(summary_table(result))
     written = ["analysis.json", "summary.md"] + (["tsne.png"] if result["figure"] else [])
     print(
         f"\nwall time {result['wall_seconds']:.1f} s; wrote "
-        + ", ".join(f"{args.output}/{f}" for f in written)
+        + ", ".join(f"{spec.output}/{f}" for f in written)
     )
     return 0

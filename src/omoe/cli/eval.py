@@ -7,15 +7,16 @@ Example::
 
 Writes ``runs/eval.json`` and ``runs/eval.predictions.jsonl`` (atomically, only when every task has
 been evaluated) and prints a Markdown table. The options are the fields of
-:class:`omoe.eval.run.EvalSpec`, with its help texts, plus ``--output`` and ``--no-progress``.
+:class:`omoe.eval.run.EvalSpec`, with its help texts (also from ``--config FILE.yaml``), plus
+``--output`` and ``--no-progress``.
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import MISSING, fields
 from pathlib import Path
 
+from omoe import options
 from omoe.errors import ConfigError
 from omoe.eval.evaluate import PROTOCOLS
 from omoe.eval.report import markdown_table, predictions_path, write_results
@@ -30,22 +31,15 @@ def register(subparsers) -> None:
         "generate (LLM-Adapters: greedy generation + first regex match), label (next-token logits of the "
         "label tokens), loglik (lm-eval: log-likelihood of each choice text). Their numbers are not comparable.",
     )
-    for f in fields(EvalSpec):
-        kind = int if f.type.startswith("int") else str
-        default = (
-            None if f.name == "protocol" or f.default is MISSING else f.default
-        )  # --protocol: no default
-        shown = "" if default is None else f" (default {default})"
-        parser.add_argument(
-            f"--{f.name.replace('_', '-')}", type=kind, default=default, help=f.metadata["help"] + shown
-        )
+    options.add_config_arguments(parser, EvalSpec)
     parser.add_argument("--output", help="results JSON; predictions go to <stem>.predictions.jsonl beside it")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.protocol is None:
+    data = options.config_data(args, EvalSpec)
+    if data.get("protocol") is None:  # no default: the protocols' numbers are not comparable
         raise ConfigError(f"--protocol is required; one of: {', '.join(PROTOCOLS)}")
     if args.output is None:
         raise ConfigError("--output FILE.json is required")
@@ -53,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     for path in (output, predictions_path(output)):
         if path.is_dir():
             raise ConfigError(f"--output {path} is a directory; give a file name such as results.json")
-    spec = EvalSpec(**{f.name: getattr(args, f.name) for f in fields(EvalSpec)})
+    spec = options.build(EvalSpec, data)
     task_records = load_records_for(spec)  # fail on bad data before the model is loaded
     results, predictions = run_eval(spec, progress=not args.no_progress, task_records=task_records)
     results_path, preds_path = write_results(output, results, predictions)

@@ -8,10 +8,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from dataclasses import dataclass, field
 
 import torch
 
-from omoe import get_omoe_model
+from omoe import get_omoe_model, options
 from omoe.config import OMoEConfig
 from omoe.errors import ConfigError
 from omoe.models.shapes import SHAPES, get_shape
@@ -36,35 +37,43 @@ def _parse_value(text: str):
         return text
 
 
+@dataclass
+class ParamsConfig:
+    """What ``omoe params`` counts."""
+
+    shape: str = field(default="llama2-7b", metadata={"help": f"model shape: {', '.join(SHAPES)} (or --model)"})
+    model: str | None = field(
+        default=None, metadata={"help": "a local Hugging Face model directory (its config.json)"}
+    )
+    set: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "an OMoEConfig field as KEY=VALUE, e.g. --set method=moe --set num_experts=8 --set top_k=2 "
+            "(repeatable); without it, every baseline of the paper is counted",
+            "repeat": True,
+        },
+    )
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser("params", help=__doc__.splitlines()[0], description=__doc__)
-    parser.add_argument("--shape", default="llama2-7b", help=f"model shape: {', '.join(SHAPES)} (or --model)")
-    parser.add_argument(
-        "--model", default=None, help="a local Hugging Face model directory (its config.json)"
-    )
-    parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="an OMoEConfig field, e.g. --set method=moe --set num_experts=8 --set top_k=2; "
-        "without --set, every baseline of the paper is counted",
-    )
+    options.add_config_arguments(parser, ParamsConfig)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    spec = options.build(ParamsConfig, options.config_data(args, ParamsConfig))
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    if args.model:
-        config = AutoConfig.from_pretrained(args.model, local_files_only=True)
-        name = args.model
+    if spec.model:
+        config = AutoConfig.from_pretrained(spec.model, local_files_only=True)
+        name = spec.model
     else:
-        config = get_shape(args.shape).llama_config()
-        name = args.shape
+        config = get_shape(spec.shape).llama_config()
+        name = spec.shape
     fields = {f.name for f in dataclasses.fields(OMoEConfig)}
     overrides = {}
-    for item in args.set:
+    for item in spec.set:
         key, sep, value = item.partition("=")
         if not sep or key not in fields:
             raise ConfigError(
