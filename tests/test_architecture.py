@@ -1,13 +1,15 @@
 """The package's import graph: no circle, and no import of an omoe module hidden inside a function.
 
-The graph is read from the source (``ast``), with the imports at module level AND those inside
-functions, so an import that a function defers still counts: a circle that only a local import
-closes is a circle all the same (docs/architecture.md draws the floors this keeps apart).
+The graph is read from the source (``ast``, by scripts/architecture.py, which also draws the floors
+of docs/architecture.md), with the imports at module level AND those inside functions, so an import
+that a function defers still counts: a circle that only a local import closes is a circle all the
+same. Every import goes to the importer's own floor or a lower one (the floors: FLOORS there).
 """
 
 from __future__ import annotations
 
 import ast
+import importlib.util
 import itertools
 from pathlib import Path
 
@@ -30,70 +32,15 @@ NOT_YET = {
 }
 
 
-def _module_name(path: Path, root: Path) -> str:
-    parts = list(path.relative_to(root).with_suffix("").parts)
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+def _load_script():
+    spec = importlib.util.spec_from_file_location("architecture", SRC.parent / "scripts" / "architecture.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def _imports(path: Path, name: str, modules: set[str]) -> list[tuple[str, bool, int]]:
-    """``(imported module, inside a function?, line)`` for every import of a module of ``modules``'s
-    package; ``from pkg import sub`` names the submodule where ``sub`` is one."""
-    tree = ast.parse(path.read_text(encoding="utf-8"))
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    local = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
-             for n in ast.walk(f)}  # fmt: skip
-    top = name.split(".")[0]
-    found = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            targets = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                up = package.split(".")[: len(package.split(".")) - node.level + 1]
-                base = ".".join([*up, base] if base else up)
-            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names]
-        else:
-            continue
-        for target in targets:
-            if target.split(".")[0] == top and target != name:
-                found.append((target, id(node) in local, node.lineno))
-    return found
-
-
-def import_graph(root: Path) -> dict[str, dict[str, tuple[bool, int]]]:
-    """module -> {imported module: (inside a function?, line)} for every ``.py`` under ``root``."""
-    paths = {_module_name(p, root): p for p in sorted(root.rglob("*.py"))}
-    graph: dict[str, dict[str, tuple[bool, int]]] = {}
-    for name, path in paths.items():
-        edges = graph.setdefault(name, {})
-        for target, inside, line in _imports(path, name, set(paths)):
-            if target in paths:
-                edges.setdefault(target, (inside, line))
-    return graph
-
-
-def find_cycle(graph: dict[str, dict]) -> list[str] | None:
-    """One import circle as ``[a, b, ..., a]``, or None (depth-first search, three colours)."""
-    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
-    path: list[str] = []
-
-    def visit(node: str) -> list[str] | None:
-        state[node] = 1
-        path.append(node)
-        for nxt in sorted(graph.get(node, ())):
-            if state.get(nxt) == 1:
-                return [*path[path.index(nxt) :], nxt]
-            if nxt not in state and (cycle := visit(nxt)):
-                return cycle
-        path.pop()
-        state[node] = 2
-        return None
-
-    for node in sorted(graph):
-        if node not in state and (cycle := visit(node)):
-            return cycle
-    return None
+arch = _load_script()
+import_graph, find_cycle = arch.import_graph, arch.find_cycle
 
 
 def _describe(graph, cycle: list[str]) -> str:
@@ -111,10 +58,19 @@ def test_the_package_has_no_import_cycle_counting_imports_inside_functions():
     assert cycle is None, f"import cycle: {_describe(graph, cycle)}"
 
 
+def test_no_module_imports_from_a_floor_above_its_own():
+    assert not arch.upward_imports(import_graph(SRC))
+
+
+def test_an_import_from_a_higher_floor_is_reported():
+    graph = {"omoe.layers.moe": {"omoe.cli.main": (True, 7)}, "omoe.cli.main": {}}
+    assert arch.upward_imports(graph) == ["omoe.layers.moe (floor 2) imports omoe.cli.main (floor 8), line 7"]
+
+
 def test_functions_import_only_optional_or_slow_third_party_libraries():
     hidden = []
     for path in sorted((SRC / "omoe").rglob("*.py")):
-        name = _module_name(path, SRC)
+        name = arch.module_name(path, SRC)
         if name in NOT_YET:
             continue
         tree = ast.parse(path.read_text(encoding="utf-8"))
