@@ -34,6 +34,7 @@ from omoe.data.tasks import get_task
 from omoe.eval.batching import pad
 from omoe.models.loading import load_model
 from omoe.models.logits import selected_logits
+from omoe.models.prefix import frozen_prefix
 
 METHODS = {
     "lora": dict(method="lora"),
@@ -88,15 +89,27 @@ def evaluate(model, data, pad_id, device, dtype, batch=64):
     return {"acc": acc, "top_share": top_share, "gold_logprob": sum(gold_lp) / n}
 
 
+def evaluate_all(model, val, pad_id, device, dtype):
+    """``val`` is one task's encoded slice or a ``{task: slice}`` dict (multi-task)."""
+    if isinstance(val, dict):
+        return {name: evaluate(model, v, pad_id, device, dtype) for name, v in val.items()}
+    return {"val": evaluate(model, val, pad_id, device, dtype)}
+
+
 def train_run(base, tokenizer, task, train, val, method, lr, args, device, dtype):
     torch.manual_seed(args.seed)
-    model = get_omoe_model(base, OMoEConfig(**METHODS[method]))
+    blocks = base.config.num_hidden_layers
+    layers = f"{blocks - args.top_layers}-{blocks - 1}" if args.top_layers else "all"
+    model = get_omoe_model(base, OMoEConfig(**METHODS[method], layers=layers))
+    prefix = frozen_prefix(model, model.frozen_depth)  # the frozen bottom blocks, once per sequence
+    prefix.__enter__()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     prompts, gold, label_ids = train
+    targets = [label_ids[g] for g in gold] if not isinstance(label_ids[0], list) else [ids[g] for ids, g in zip(label_ids, gold)]
     rng = random.Random(args.seed)
     order: list[int] = []
-    curve = [{"step": 0, **evaluate(model, val, tokenizer.pad_token_id, device, dtype)}]
+    curve = [{"step": 0, **evaluate_all(model, val, tokenizer.pad_token_id, device, dtype)}]
     losses: list[float] = []
     start = time.time()
     for step in range(1, args.steps + 1):
@@ -110,29 +123,32 @@ def train_run(base, tokenizer, task, train, val, method, lr, args, device, dtype
         for group in opt.param_groups:
             group["lr"] = lr * warm
         logits = last_logits(model, [prompts[i] for i in idx], tokenizer.pad_token_id, device, dtype)
-        target = torch.tensor([label_ids[gold[i]] for i in idx], device=device)
+        target = torch.tensor([targets[i] for i in idx], device=device)
         loss = F.cross_entropy(logits, target)
         if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"{task.name} {method} lr {lr}: non-finite loss at step {step}")
+            raise FloatingPointError(f"{getattr(task, 'name', task)} {method} lr {lr}: non-finite loss at step {step}")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         losses.append(loss.item())
         if step % args.eval_every == 0 or step == args.steps:
-            point = evaluate(model, val, tokenizer.pad_token_id, device, dtype)
+            point = evaluate_all(model, val, tokenizer.pad_token_id, device, dtype)
             point.update(step=step, train_loss=sum(losses) / len(losses))
             losses = []
             curve.append(point)
-            print(
-                f"  {task.name:14s} {method:7s} lr {lr:g} step {step:4d}: val acc {point['acc']:.3f} "
-                f"top {point['top_share']:.2f} gold lp {point['gold_logprob']:.3f} loss {point['train_loss']:.3f} "
-                f"({(time.time() - start) / step:.2f} s/step)",
-                flush=True,
-            )
+            for name, m in point.items():
+                if isinstance(m, dict):
+                    print(
+                        f"  {name:14s} {method:7s} lr {lr:g} step {step:4d}: val acc {m['acc']:.3f} "
+                        f"top {m['top_share']:.2f} gold lp {m['gold_logprob']:.3f} loss {point['train_loss']:.3f} "
+                        f"({(time.time() - start) / step:.2f} s/step)",
+                        flush=True,
+                    )
     seconds = time.time() - start
+    prefix.__exit__(None, None, None)
     model.unload()
-    return {"task": task.name, "method": method, "lr": lr, "curve": curve, "seconds": seconds,
+    return {"task": getattr(task, "name", task), "method": method, "lr": lr, "curve": curve, "seconds": seconds,
             "sec_per_step": seconds / args.steps}
 
 
@@ -158,6 +174,10 @@ def main() -> None:
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
     p.add_argument("--budget-s", type=float, default=float("inf"), help="start no new run after this")
     p.add_argument("--output", type=Path, required=True)
+    p.add_argument("--top-layers", type=int, default=0, help="adapters on the top N blocks only (0: all); the "
+                   "frozen blocks below are computed once per sequence (omoe.models.prefix)")
+    p.add_argument("--multitask", action="store_true", help="one run on the tasks mixed, evaluated on each")
+    p.add_argument("--train-per-task", type=int, default=None, help="multi-task: the first N train records of each")
     args = p.parse_args()
     for m in args.methods.split(","):
         if m not in METHODS:
@@ -175,13 +195,17 @@ def main() -> None:
     payload = {"settings": settings, "tasks": {}, "runs": []}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    if args.multitask:
+        multitask(base, tokenizer, args, device, dtype, payload)
+        return
     for name in args.tasks.split(","):
         task = get_task(name)
         val_records = load_task(task, "val")[: args.val_records]
         val = encode(tokenizer, task, val_records, args.cutoff)
         train = encode(tokenizer, task, load_task(task, "train"), args.cutoff)
         majority = Counter(val[1]).most_common(1)[0][1] / len(val[1])
-        untuned = evaluate(base, val, tokenizer.pad_token_id, device, dtype)
+        with frozen_prefix(base, base.config.num_hidden_layers - args.top_layers if args.top_layers else 0):
+            untuned = evaluate(base, val, tokenizer.pad_token_id, device, dtype)
         payload["tasks"][task.name] = {"val_records": len(val_records), "majority": majority, "untuned": untuned,
                                        "train_records": len(train[0])}
         print(f"{task.name}: untuned acc {untuned['acc']:.3f} top {untuned['top_share']:.2f} majority {majority:.3f}",
@@ -194,6 +218,31 @@ def main() -> None:
                     continue
                 payload["runs"].append(train_run(base, tokenizer, task, train, val, method, lr, args, device, dtype))
                 write(args.output, payload)
+
+
+def multitask(base, tokenizer, args, device, dtype, payload):
+    """One fine-tune per (method, lr) on the tasks' train splits mixed; validation on each task."""
+    val, prompts, gold, label_ids = {}, [], [], []
+    for name in args.tasks.split(","):
+        task = get_task(name)
+        val[task.name] = encode(tokenizer, task, load_task(task, "val")[: args.val_records], args.cutoff)
+        p, g, ids = encode(tokenizer, task, load_task(task, "train")[: args.train_per_task], args.cutoff)
+        prompts += p
+        gold += g
+        label_ids += [ids] * len(p)
+        majority = Counter(val[task.name][1]).most_common(1)[0][1] / len(val[task.name][1])
+        payload["tasks"][task.name] = {"majority": majority, "train_records": len(p)}
+        print(f"{task.name}: majority {majority:.3f}", flush=True)
+    with frozen_prefix(base, base.config.num_hidden_layers - args.top_layers if args.top_layers else 0):
+        untuned = evaluate_all(base, val, tokenizer.pad_token_id, device, dtype)
+    for name, m in untuned.items():
+        payload["tasks"][name]["untuned"] = m
+        print(f"{name}: untuned acc {m['acc']:.3f} top {m['top_share']:.2f} gold lp {m['gold_logprob']:.3f}", flush=True)
+    for method in args.methods.split(","):
+        for lr in (float(x) for x in args.lrs.split(",")):
+            payload["runs"].append(train_run(base, tokenizer, args.tasks, (prompts, gold, label_ids), val, method, lr,
+                                             args, device, dtype))
+            write(args.output, payload)
 
 
 if __name__ == "__main__":
