@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).parent))
-from pilot_learning import encode, evaluate, last_logits  # noqa: E402
+from pilot_learning import encode, evaluate, last_logits
 
-from omoe import OMoEConfig, get_omoe_model  # noqa: E402
-from omoe.data.loader import load_task  # noqa: E402
-from omoe.data.tasks import get_task  # noqa: E402
-from omoe.models.loading import load_model  # noqa: E402
-from omoe.models.prefix import frozen_prefix  # noqa: E402
+from omoe import OMoEConfig, get_omoe_model
+from omoe.data.loader import load_task
+from omoe.data.tasks import get_task
+from omoe.models.loading import load_model
+from omoe.models.prefix import frozen_prefix
 
 
 def main() -> None:
