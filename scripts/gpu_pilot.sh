@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 11's pilot on a CUDA machine: learning curves of the bundled model on every task's validation
-# slice, one process per task in parallel (scripts/pilot_learning.py: LoRA and OMoE, lr 2e-4 and 1e-3,
-# 500 steps of 8, the paper's protocol). Each process starts no new run after $BUDGET_S seconds and
+# slice, one process per task in parallel (scripts/pilot_learning.py: LoRA on every block, lr 5e-4,
+# 2000 steps of 16, the paper's protocol; the CPU pilots in docs/pilot/ learn nothing in 300 steps of 8,
+# so the first question for a GPU is whether any task leaves its majority rate with ~30k examples). Each process starts no new run after $BUDGET_S seconds and
 # is stopped after $LIMIT_S; finished runs are kept. Writes OUTDIR/pilot.json (all tasks) and pilot.log.
 #   bash scripts/gpu_pilot.sh OUTDIR
 set -uo pipefail
@@ -14,8 +15,8 @@ export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 OMP_N
     echo "gpu_pilot: the bundled model does not load here" >&2; exit 1; }
 tasks=(piqa social_i_qa ARC-Easy boolq winogrande openbookqa hellaswag ARC-Challenge)
 for t in "${tasks[@]}"; do
-    timeout --signal=KILL "${LIMIT_S:-230}" "$PY" scripts/pilot_learning.py --tasks "$t" --methods lora,omoe \
-        --lrs 2e-4,1e-3 --steps 500 --eval-every 100 --batch 8 --val-records 400 \
+    timeout --signal=KILL "${LIMIT_S:-230}" "$PY" scripts/pilot_learning.py --tasks "$t" --methods "${METHODS:-lora}" \
+        --lrs "${LRS:-5e-4}" --steps "${STEPS:-2000}" --eval-every 250 --batch 16 --val-records 400 \
         --budget-s "${BUDGET_S:-150}" --output "$out/pilot-$t.json" >"$out/pilot-$t.log" 2>&1 &
 done
 wait
