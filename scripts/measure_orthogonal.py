@@ -202,12 +202,12 @@ def projector_memory() -> list[dict]:
     from transformers import AutoModelForCausalLM
 
     from omoe import OMoEConfig, get_omoe_model
-    from omoe.cli.params import shape_config
+    from omoe.models.shapes import SHAPES
     from omoe.optim import OrthogonalExpertOptimizer
 
     rows = []
     for shape in ("smollm2-135m", "llama2-7b"):
-        config = shape_config(shape)
+        config = SHAPES[shape].llama_config()
         for label, adapter in (("moe soft k=2", {}), ("moe top-2 of 8", {"num_experts": 8, "top_k": 2})):
             with torch.device("meta"):
                 model = get_omoe_model(
