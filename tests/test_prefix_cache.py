@@ -52,19 +52,21 @@ def test_cached_prefix_gives_the_full_forwards_logits_and_gradients(method):
     assert len(model.base_model.model.layers) == 4  # the block list is restored
 
 
-def test_each_sequence_is_computed_once_and_alone():
+def test_each_sequence_is_computed_once_and_then_reused_in_any_batch():
     model = _model().eval()
     seqs, ids, mask, keep = _batch()
     with torch.no_grad(), frozen_prefix(model, depth=2) as cache:
         first = selected_logits(model, ids, mask, keep)
         # the same sequence in another batch (other neighbours, other padding) reuses its entry
-        _, ids2, mask2, keep2 = _batch(lengths=(12, 5), seed=1)
+        ids2, mask2 = pad([list(range(1, 13)), seqs[0]], 0, side="right")  # one new sequence, one cached
+        keep2 = torch.nn.functional.one_hot(mask2.sum(1) - 1, ids2.shape[1]).bool()
         again = selected_logits(model, ids, mask, keep)
         assert cache.hits == 3 and cache.misses == 3
-        alone = cache.hidden(*pad([seqs[1]], 0, side="right"))[0]  # (T, H)
+        alone = cache.hidden(*pad([seqs[1]], 0, side="right"))[0]  # (T, H): the entry of the first batch
         batched = cache.hidden(ids, mask)[1, : len(seqs[1])]
-        assert torch.equal(alone, batched)
+        assert torch.equal(alone, batched) and cache.misses == 3
         selected_logits(model, ids2, mask2, keep2)
+        assert cache.misses == 4 and cache.hits == 3 + 1 + 3 + 1
     assert torch.equal(first, again)
 
 
