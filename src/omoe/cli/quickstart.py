@@ -38,7 +38,7 @@ DEFAULT_PROTOCOL = {"alpaca": "generate", "moe-peft": "label"}  # each format's 
 # The default budget, chosen on ARC-Easy's validation slice (docs/pilot/), never on its test set.
 QUICKSTART_STEPS = 300
 QUICKSTART_LR = 1e-3
-QUICKSTART_LAYERS = "15-29"
+QUICKSTART_LAYERS = "22-29"
 
 
 @dataclass
