@@ -23,7 +23,7 @@ from omoe.data.tasks import get_task
 from omoe.errors import ConfigError
 from omoe.eval.evaluate import PROTOCOLS, get_protocol
 from omoe.train import options
-from omoe.train.config import PAPER_TASKS, DataConfig, TrainConfig
+from omoe.train.config import PAPER_TASKS, RESULT_FREE_KEYS, DataConfig, TrainConfig
 
 SETTINGS = ("single", "multi")
 SPEC_KEYS = (
@@ -33,8 +33,7 @@ SPEC_KEYS = (
 # Keys the grid sets itself in every cell; methods and sweeps may not.
 GRID_KEYS = ("output_dir", "seed", "data.tasks", "data.data_file", "data.task")
 # Keys that do not change a cell's numbers: a result computed under other values still counts.
-FREE_KEYS = ("output_dir", "device", "fsdp", "gradient_checkpointing", "prefix_cache", "checkpoint_every",
-             "keep_checkpoints", "logging.")  # fmt: skip
+FREE_KEYS = RESULT_FREE_KEYS  # the trainer's list (also what a resumed run may change)
 # Keys added after results were written, with the value that reproduces the earlier behaviour:
 # alpaca was the only prompt format, training read the whole train file (now split train+val) and
 # shuffled it plainly (group_by_length false), and adapters went on every block (adapter.layers all).

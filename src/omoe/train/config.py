@@ -31,6 +31,19 @@ PAPER_TASKS = ("ARC-Challenge", "ARC-Easy", "boolq", "openbookqa")
 TRAIN_SPLITS = ("train", FULL_TRAIN_SPLIT)
 
 
+# Keys that do not change a run's numbers: a resumed run may change them, and an experiment cell
+# computed under other values still counts (omoe.experiment.spec.fingerprint). Prefixes end in ".".
+RESULT_FREE_KEYS = (
+    "output_dir",
+    "device",
+    "fsdp",
+    "gradient_checkpointing",
+    "prefix_cache",
+    "checkpoint_every",
+    "keep_checkpoints",
+    "logging.",
+)
+
 @dataclass
 class DataConfig:
     """What to train on: bundled train splits, mixed, or your own file."""

@@ -35,24 +35,13 @@ from omoe.models.precision import autocast_dtype, precision_name
 from omoe.models.prefix import frozen_prefix
 from omoe.train import checkpoint as ckpt
 from omoe.train import distributed, fsdp
-from omoe.train.config import ORTHOGONAL_FSDP, TrainConfig
+from omoe.train.config import ORTHOGONAL_FSDP, RESULT_FREE_KEYS, TrainConfig
 from omoe.train.data import TrainData, build_train_data, load_training_records
 from omoe.train.metrics import MetricsLogger
 from omoe.utils import atomic_write_text, json_text
 
 CONFIG_FILE = "train_config.yaml"
 RESULTS_FILE = "train_results.json"
-# Fields that may differ between a run and its resumption (they do not change the numbers).
-_RESUME_FREE = (
-    "output_dir",
-    "fsdp",
-    "device",
-    "checkpoint_every",
-    "keep_checkpoints",
-    "gradient_checkpointing",
-    "prefix_cache",
-    "logging.",
-)
 
 
 @dataclass
@@ -485,7 +474,7 @@ def _check_resumable(saved: dict, config: TrainConfig, path: Path) -> None:
     old, new = _flatten(saved["config"]), _flatten(config.to_dict())
     differ = [
         k for k in sorted(set(old) | set(new))
-        if old.get(k) != new.get(k) and not k.startswith(_RESUME_FREE)
+        if old.get(k) != new.get(k) and not k.startswith(RESULT_FREE_KEYS)
     ]  # fmt: skip
     if differ:
         shown = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in differ)
