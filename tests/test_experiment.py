@@ -220,6 +220,37 @@ def test_cell_killed_mid_training_resumes_to_the_weights_of_an_uninterrupted_run
     assert scores(result) == scores(json.loads(whole.result_path(whole.cells[0]).read_text()))
 
 
+def test_a_damaged_newest_checkpoint_leaves_the_cell_resumable_from_the_one_before(
+    tmp_path, smollm2_tokenizer, monkeypatch
+):
+    data = copy.deepcopy(GRID)
+    data["methods"] = {"omoe": {}}
+    data["base"]["optim"]["max_steps"] = 4
+    data["base"]["checkpoint_every"] = 1
+    data["base"]["keep_checkpoints"] = 3
+    spec = spec_of(tmp_path, data)
+    save, calls = ckpt.save_checkpoint, []
+
+    def save_then_die(*args, **kwargs):
+        save(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # stopped right after checkpoint step 3
+
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run(spec, smollm2_tokenizer)
+    monkeypatch.setattr(ckpt, "save_checkpoint", save)
+    (cell,) = spec.cells
+    newest = ckpt.latest_checkpoint(cell.work_dir)
+    (newest / ckpt.STATE_JSON).write_text("{ truncated")
+    state = cell_state(spec, cell)
+    assert state.state == "checkpoint" and "step-00000002" in state.detail, state
+    assert [p.name for p in ckpt.list_checkpoints(cell.work_dir)][-1] == newest.name  # nothing deleted
+    (result,), _ = run(spec, smollm2_tokenizer)
+    assert result["train"]["resumed_from"].endswith("step-00000002")
+
+
 def test_cell_killed_during_evaluation_is_evaluated_without_training_again(
     tmp_path, smollm2_tokenizer, monkeypatch
 ):

@@ -78,16 +78,15 @@ def cell_state(spec: ExperimentSpec, cell: Cell, *, locks: bool = True) -> CellS
         if _same_training(lambda: load_config(work / CONFIG_FILE), cell):
             return CellState("trained", "adapter trained, not yet evaluated")
         return CellState("stale", "work dir trained under another config")
-    latest = ckpt.latest_checkpoint(work)
-    if latest is not None:
-
-        def saved_config():
-            meta = json.loads((latest / ckpt.STATE_JSON).read_text(encoding="utf-8"))
-            return TrainConfig.from_dict(meta["config"])
-
-        if _same_training(saved_config, cell):
+    for checkpoint in reversed(ckpt.list_checkpoints(work)):  # newest first
+        try:
+            meta = json.loads((checkpoint / ckpt.STATE_JSON).read_text(encoding="utf-8"))
+            saved = TrainConfig.from_dict(meta["config"])
+        except (OSError, ValueError, KeyError, TypeError):  # ConfigError is a ValueError
+            continue  # damaged: the trainer skips it too and resumes from an older one
+        if _same_training(lambda saved=saved: saved, cell):
             steps = cell.config.optim.max_steps
-            return CellState("checkpoint", f"resumes from {latest.name}" + (f" of {steps}" if steps else ""))
+            return CellState("checkpoint", f"resumes from {checkpoint.name}" + (f" of {steps}" if steps else ""))
         return CellState("stale", "checkpoint from another config")
     return CellState("todo")
 
