@@ -102,6 +102,10 @@ def _adapter(damage: Callable[[Path], None] | None = None, **model_overrides):
     return argv
 
 
+def _trained_moe_peft(path: Path) -> None:
+    (path / "train_config.yaml").write_text("data:\n  prompt: moe-peft\n")  # as omoe train writes it
+
+
 def _config_r8(path: Path) -> None:
     config = json.loads((path / "adapter_config.json").read_text())
     (path / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
@@ -230,6 +234,8 @@ CASES = [
     Case("other-base", "adapter saved for another base model (hidden size 32, not 64)", "omoe eval --adapter A ...",
          _adapter(hidden_size=32), 2, EVAL_OUT),
     Case("nan-adapter", "adapter holding a NaN", "omoe eval --adapter A ...", _adapter(_one_nan), 2, EVAL_OUT),
+    Case("other-prompt", "adapter trained with another prompt format (moe-peft, evaluated with alpaca)",
+         "omoe eval --adapter A ...", _adapter(_trained_moe_peft), 2, EVAL_OUT),
     # failures on valid input (exit 1) and Ctrl-C (exit 130)
     Case("nan-loss", "the loss becomes NaN", "omoe train --config c.yaml", _train(GOOD_TRAIN), 1, TRAIN_OUT,
          _nan_loss),

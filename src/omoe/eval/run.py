@@ -10,6 +10,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import torch
+import yaml
 
 from omoe import OMoEModel
 from omoe.data.loader import bundled_file, load_task
@@ -103,9 +104,29 @@ class EvalSpec:
                 raise FileNotFoundError(f"adapter directory not found: {adapter}")
             if not (adapter / ADAPTER_CONFIG).is_file():
                 raise FileNotFoundError(f"{adapter} has no {ADAPTER_CONFIG}; expected a saved omoe adapter")
+            trained = trained_prompt(adapter)
+            if trained is not None and trained != self.prompt:
+                raise ConfigError(
+                    f"the adapter in {adapter} was trained with prompt format {trained!r}; evaluate it with "
+                    f"--prompt {trained} (got {self.prompt!r})"
+                )
 
     def task_list(self) -> list[Task]:
         return [get_task(self.task)] if self.task is not None else parse_task_list(self.tasks)
+
+
+def trained_prompt(adapter: str | Path) -> str | None:
+    """The prompt format the adapter's training run used, from the ``train_config.yaml`` that
+    ``omoe train`` writes beside it (runs from before the option: alpaca); None without that file."""
+    path = Path(adapter) / "train_config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError:
+        return None  # not ours to judge here; the adapter itself is checked on loading
+    prompt = (data.get("data") or {}).get("prompt", "alpaca") if isinstance(data, dict) else None
+    return prompt if isinstance(prompt, str) else None
 
 
 def read_adapter_config(adapter: str | Path) -> dict:
