@@ -20,43 +20,9 @@ import time
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from omoe.layers import LoRAExperts, MoEFeedForward, OrthogonalMixer, Router
-
-
-class BeforeMoEFeedForward(MoEFeedForward):
-    """The representation as computed before issue 9 (commit e06f846): ``E_s = down(h_s) - down(h0)``."""
-
-    def _hidden(self, x, indices, g0, u0):
-        adapted = [self.omoe_experts[p] for p in ("gate", "up") if p in self.omoe_experts]
-        if torch.is_grad_enabled() and adapted and all(e.low_rank_delta for e in adapted):
-            zg, zu = self._low_rank_codes(x, indices)
-            return checkpoint(self._hidden_from_codes, g0, u0, zg, zu, indices, use_reentrant=False)
-        act = self.base_layer.act_fn
-        g, u = (
-            base + self.omoe_experts[p](x, indices, lambda b=base: b, getattr(self.base_layer, f"{p}_proj"))
-            for p, base in (("gate", g0), ("up", u0))
-        )
-        return act(g0) * u0, act(g) * u
-
-    def _hidden_from_codes(self, g0, u0, zg, zu, indices):
-        act = self.base_layer.act_fn
-        g = g0 if zg is None else g0 + self.omoe_experts["gate"].up(zg, indices).to(g0.dtype)
-        u = u0 if zu is None else u0 + self.omoe_experts["up"].up(zu, indices).to(u0.dtype)
-        return act(g0) * u0, act(g) * u
-
-    def forward(self, x):
-        mlp = self.base_layer
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])  # (N, H)
-        routing = self.route(x2)
-        g0, u0 = mlp.gate_proj(x2), mlp.up_proj(x2)  # (N, I)
-        h0, h = self._hidden(x2, routing.indices, g0, u0)  # (N, I), (S, N, I)
-        d0 = mlp.down_proj(h0)  # (N, H)
-        dh = mlp.down_proj(h)  # (S, N, H), no bias
-        reps = dh - d0 + self.omoe_experts["down"](h, routing.indices, lambda: dh, mlp.down_proj)
-        return (d0 + self.mix(reps, routing).to(d0.dtype)).view(*shape[:-1], -1)
+from omoe.layers.reference import BeforeMoEFeedForward
 
 
 class GatedMLP(nn.Module):

@@ -47,10 +47,11 @@ def test_bench_runs_every_variant_on_one_base_and_writes_json(tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data["meta"]["rounds"] == 2 and data["meta"]["autocast"] == "bf16"
     results = {r["variant"]: r for r in data["results"]}
-    assert list(results) == ["base", "lora", "peft-lora", "omoe", BASELINE]
+    assert list(results) == ["base", "lora", "peft-lora", "omoe", BASELINE, "omoe-repr-before"]
     assert results["base"]["trainable"] == 0
     assert results["lora"]["trainable"] == results["peft-lora"]["trainable"] > 0
     assert results["omoe"]["trainable"] == results[BASELINE]["trainable"] > results["lora"]["trainable"]
+    assert results["omoe-repr-before"]["trainable"] == results["omoe"]["trainable"]
     # the baseline is the step of before: all logits, fp32 (on CPU); the rest as asked, logits where used
     kinds = {v: (r["precision"], r["logits"]) for v, r in results.items()}
     assert kinds == {v: ("fp32", "all") if v == BASELINE else ("bf16", "used") for v in results}
@@ -63,7 +64,9 @@ def test_bench_runs_every_variant_on_one_base_and_writes_json(tmp_path, capsys):
     }
     seconds = {v: r["step_s"] for v, r in results.items()} | {v: e["seconds"] for v, e in evals.items()}
     ratios = {r["of"]: r for r in data["ratios"]}
-    assert set(ratios) == {f"{BASELINE} / omoe", "omoe / peft-lora", "label-before / label-now"}
+    assert set(ratios) == {
+        f"{BASELINE} / omoe", "omoe / peft-lora", "label-before / label-now", "omoe / omoe-repr-before"
+    }
     for of, row in ratios.items():
         num, den = of.split(" / ")
         assert row["value"] == seconds[num] / seconds[den]

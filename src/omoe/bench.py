@@ -27,6 +27,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -39,6 +40,8 @@ from omoe.errors import ConfigError
 from omoe.eval.batching import length_sorted_batches, pad
 from omoe.eval.label import next_token_scores
 from omoe.experiment.efficiency import DEFAULT_METHODS, METHODS, table3_main
+from omoe.layers.kernels import reference_kernels
+from omoe.layers.reference import use_before_representation
 from omoe.models.logits import logits_only_at
 from omoe.models.memory import saved_tensor_bytes
 from omoe.models.precision import PRECISIONS, autocast, autocast_dtype, precision_name
@@ -57,7 +60,10 @@ class Variant:
 
     name: str
     adapter: str  # base | lora | peft-lora | omoe
-    full_logits: bool = False  # all (B, T, vocab) logits and the old precision: the pre-issue-10 step
+    # All (B, T, vocab) logits, the old precision and the reference kernels (aten::bernoulli_
+    # dropout, unfused hidden; layers/kernels.py): the step as it was when issue 10 was filed.
+    full_logits: bool = False
+    before_representation: bool = False  # E_s = down(h_s) - down(h0), as before issue 9
 
 
 VARIANTS = {
@@ -68,6 +74,7 @@ VARIANTS = {
         Variant("peft-lora", "peft-lora"),
         Variant("omoe", "omoe"),
         Variant("omoe-full-logits", "omoe", full_logits=True),
+        Variant("omoe-repr-before", "omoe", before_representation=True),
     )
 }
 BASELINE = "omoe-full-logits"
@@ -76,6 +83,8 @@ RATIOS = (
     ("speed-up of the default OMoE step", BASELINE, "omoe", ">= 2.5"),
     ("OMoE step / PEFT LoRA step", "omoe", "peft-lora", "<= 1.3"),
     ("speed-up of the label evaluation", "label-before", "label-now", ">= 2"),
+    # issue 9: the exact representation may cost at most 5% over the difference of full products
+    ("exact representation's step / before's", "omoe", "omoe-repr-before", "<= 1.05"),
 )
 
 
@@ -148,6 +157,8 @@ def bench_variant(
     """Time ``steps`` training steps of ``variant`` after ``warmup`` untimed ones; the step times too."""
     device = ids.device
     wrapped, unload = _wrap(variant.adapter, model, r)
+    if variant.before_representation:
+        use_before_representation(wrapped)
     wrapped.train()
     params = [p for p in wrapped.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
@@ -218,7 +229,7 @@ def bench_label_eval(model, prompts, *, batch_size, r, amp_dtype) -> dict[str, f
     label_ids = [5, 6, 7, 8]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def before() -> None:  # the protocol's loop as it was
+    def before() -> None:  # the protocol's loop as it was (run with the reference kernels)
         for batch in length_sorted_batches([len(p) for p in prompts], batch_size):
             input_ids, attention_mask = pad([prompts[i] for i in batch], 0, side="right")
             input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
@@ -234,7 +245,8 @@ def bench_label_eval(model, prompts, *, batch_size, r, amp_dtype) -> dict[str, f
     try:
         with torch.inference_mode():
             for name, (fn, dtype) in runs.items():
-                with autocast(dtype, device):
+                kernels = reference_kernels() if name == "label-before" else nullcontext()
+                with kernels, autocast(dtype, device):
                     fn()  # warm-up
                     sync()
                     t0 = time.perf_counter()
@@ -286,9 +298,10 @@ def run(
     for round_ in range(rounds):
         for v in variants:
             torch.manual_seed(seed)
-            res, step_times = bench_variant(
-                VARIANTS[v], model, ids, labels, r=r, steps=steps, warmup=warmup, amp_dtype=amp_dtype
-            )
+            with reference_kernels() if VARIANTS[v].full_logits else nullcontext():
+                res, step_times = bench_variant(
+                    VARIANTS[v], model, ids, labels, r=r, steps=steps, warmup=warmup, amp_dtype=amp_dtype
+                )
             runs[v].append(res)
             times[v] += step_times
             print(
@@ -349,7 +362,7 @@ def run(
 
 
 def ratios(results: list[Result], evals: list[EvalResult]) -> list[dict]:
-    """Issue 10's targets as ratios of times measured in this run (None where a row is missing)."""
+    """Issues 10's and 9's targets as ratios of times measured in this run (None where a row is missing)."""
     seconds = {r.variant: r.step_s for r in results} | {e.variant: e.seconds for e in evals}
     out = []
     for what, num, den, target in RATIOS:
@@ -401,7 +414,7 @@ def format_table(meta: dict, results: list[Result], evals: list[EvalResult], rat
             )
     lines += [
         "",
-        "Issue 10's targets (stated for `--preset smollm2-135m --rounds 3` on a 2-core CPU):",
+        "Issue 10's targets and issue 9's (stated for `--preset smollm2-135m --rounds 3` on a 2-core CPU):",
         "",
         "| ratio | of | value | target | met |",
         "|---|---|---:|---|---|",
@@ -434,7 +447,9 @@ class BenchConfig:
     rounds: int = field(default=3, metadata={"help": "variants take turns this many times; medians"})
     threads: int | None = field(
         default=None,
-        metadata={"help": "CPU threads (default: torch's); 1 is steadier when other processes share the cores"},
+        metadata={
+            "help": "CPU threads (default: torch's); 1 is steadier when other processes share the cores"
+        },
     )
     device: str | None = field(default=None, metadata={"help": "cpu or cuda (default: cuda when available)"})
     precision: str | None = field(
@@ -443,10 +458,13 @@ class BenchConfig:
     )  # fmt: skip
     response: int = field(
         default=8,
-        metadata={"help": "supervised (response) tokens at the end of each row; the loss reads logits only there"},
+        metadata={
+            "help": "supervised (response) tokens at the end of each row; the loss reads logits only there"
+        },
     )
     eval_prompts: int | None = field(
-        default=None, metadata={"help": "prompts of the label-evaluation timing (default 4 x batch; 0 = skip it)"}
+        default=None,
+        metadata={"help": "prompts of the label-evaluation timing (default 4 x batch; 0 = skip it)"},
     )
     output: str | None = field(default=None, metadata={"help": "also write the results as JSON to this file"})
     table3: bool = field(
@@ -467,11 +485,15 @@ class BenchConfig:
             raise ConfigError(f"unknown --preset {self.preset!r}; allowed: {', '.join(PRESETS)}")
         if self.precision is not None and self.precision not in PRECISIONS:
             raise ConfigError(f"unknown --precision {self.precision!r}; allowed: {', '.join(PRECISIONS)}")
-        allowed, default = (tuple(METHODS), DEFAULT_METHODS) if self.table3 else (tuple(VARIANTS), tuple(VARIANTS))
+        allowed, default = (
+            (tuple(METHODS), DEFAULT_METHODS) if self.table3 else (tuple(VARIANTS), tuple(VARIANTS))
+        )
         chosen = [v.strip() for v in (self.variants or ",".join(default)).split(",") if v.strip()]
         bad = [v for v in chosen if v not in allowed]
         if bad or not chosen:
-            raise ConfigError(f"unknown variant(s) {', '.join(bad) or '(none)'}; allowed: {', '.join(allowed)}")
+            raise ConfigError(
+                f"unknown variant(s) {', '.join(bad) or '(none)'}; allowed: {', '.join(allowed)}"
+            )
         self.variants = ",".join(chosen)
         for name in ("steps", "warmup", "batch", "seq", "r", "layers", "rounds", "threads", "new_tokens",
                      "prompt_tokens", "response", "eval_prompts"):  # fmt: skip

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from omoe.layers.kernels import Dropout, frozen_linear
 from omoe.layers.quantized import compute_dtype, frozen_weight, quantization_of
 
 
@@ -92,7 +93,7 @@ class LoRAExperts(nn.Module):
         f32 = torch.float32
         self.lora_A = nn.Parameter(torch.empty(num_experts, r, in_features, device=device, dtype=f32))
         self.lora_B = nn.Parameter(torch.empty(num_experts, out_features, r, device=device, dtype=f32))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_parameters()
 
     def init_magnitude(self, base_layer: nn.Module) -> None:
@@ -132,10 +133,12 @@ class LoRAExperts(nn.Module):
     def up(self, z: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
         """``(alpha/r) B z`` per slot: z ``(S, N, r)`` to ``(S, N, out)``."""
         B = self.lora_B
+        # The scaling multiplies the r-wide codes, not the out-wide result: r/out of the work (and
+        # the same bits when it is a power of two, as alpha = 2r makes it).
         if self.float32_up and autocast_float16(z.device.type):
             with torch.autocast(z.device.type, enabled=False):
-                return expert_matmul(z.to(B.dtype), B, indices) * self.scaling
-        return expert_matmul(z, B, indices) * self.scaling
+                return expert_matmul(z.to(B.dtype) * self.scaling, B, indices)
+        return expert_matmul(z * self.scaling, B, indices)
 
     def forward(self, x, indices=None, frozen_out=None, base_layer=None) -> torch.Tensor:
         """Delta of each slot's expert over the frozen output, ``(S, N, out)``.
@@ -179,7 +182,7 @@ def _frozen_matmul(base_layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     (an expert's small hidden change) to the rounding of ``W0 x + b``.
     """
     if getattr(base_layer, "bias", None) is None:
-        return base_layer(x)
+        return frozen_linear(base_layer, x)
     if quantization_of(base_layer) is not None:
         return _frozen_matmul_dense(base_layer, x)
     return F.linear(x, base_layer.weight)

@@ -9,6 +9,7 @@ from torch import nn
 
 from omoe.errors import ConfigError
 from omoe.layers.experts import LoRAExperts, without_bias
+from omoe.layers.kernels import frozen_linear
 from omoe.layers.quantized import quantization_of
 
 
@@ -22,7 +23,7 @@ class AdapterLinear(nn.Module):
         self.disabled = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)  # (..., out)
+        y = frozen_linear(self.base_layer, x)  # (..., out)
         if self.disabled:
             return y
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from omoe.layers.experts import LoRAExperts, _frozen_matmul, autocast_float16, without_bias
+from omoe.layers.kernels import frozen_linear, fused, plain_activation
 from omoe.layers.mixing import ExpertMixer
 from omoe.layers.quantized import frozen_weight
 from omoe.layers.router import Router, RouterStats, Routing
@@ -118,7 +119,7 @@ class MoELinear(MoELayer):
         experts.float32_up = mixer.wide_gradients
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)  # (..., out)
+        y = frozen_linear(self.base_layer, x)  # (..., out)
         if self.disabled:
             return y
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
@@ -131,7 +132,7 @@ class MoELinear(MoELayer):
         return y + self.mix(reps, routing, all_reps).view(y.shape).to(y.dtype)
 
 
-def hidden_delta(act, g0, u0, dg, du, dtype: torch.dtype | None = None) -> torch.Tensor:
+def hidden_delta(act, g0, u0, dg, du, dtype: torch.dtype | None = None, h0: torch.Tensor | None = None):
     """Each slot's change of the gated hidden, ``act(g0 + dg) * (u0 + du) - act(g0) * u0``.
 
     Formed from the adapters' deltas, never as the difference of the two hidden products:
@@ -146,23 +147,44 @@ def hidden_delta(act, g0, u0, dg, du, dtype: torch.dtype | None = None) -> torch
         g0, u0: ``(N, I)`` frozen gate and up outputs.
         dg, du: ``(S, N, I)`` the gate and up experts' deltas, or None (projection not adapted).
         dtype: dtype of the result and of the products (default: that of ``g0``).
+        h0: ``(N, I)`` the frozen hidden, to also return each slot's hidden ``h0 + dh`` (in one pass
+            when fused).
 
     Returns:
-        ``(S, N, I)``.
+        ``dh``, ``(S, N, I)``; with ``h0``, the pair ``(dh, h0 + dh)``.
     """
     dtype = dtype or g0.dtype
     if dg is None:
-        return act(g0).to(dtype) * du.to(dtype)
-    wide = torch.promote_types(g0.dtype, torch.float32)
-    # act(g0) per slot, on a contiguous copy, not once: both activations then run the same kernel
-    # on the same layout, so act(g0 + 0) equals act(g0) bit for bit, and in backward the two
-    # gradients reaching g0 cancel exactly where dg = 0 (a sum over slots first would round apart).
-    g0w = g0.to(wide).expand(dg.shape[0], *g0.shape).contiguous()  # (S, N, I)
-    a1 = act(g0w + dg)  # (S, N, I)
-    da = (a1 - act(g0w)).to(dtype)
-    if du is None:
-        return da * u0.to(dtype)
-    return torch.addcmul(da * u0.to(dtype), a1.to(dtype), du.to(dtype))
+        dh = act(g0).to(dtype) * du.to(dtype)
+    else:
+        wide = torch.promote_types(g0.dtype, torch.float32)
+        # act(g0) per slot, on a contiguous copy, not once: both activations then run the same kernel
+        # on the same layout, so act(g0 + 0) equals act(g0) bit for bit, and in backward the two
+        # gradients reaching g0 cancel exactly where dg = 0 (a sum over slots first would round apart).
+        g0w = g0.to(wide).expand(dg.shape[0], *g0.shape).contiguous()  # (S, N, I)
+        a1 = act(g0w + dg)  # (S, N, I)
+        da = (a1 - act(g0w)).to(dtype)
+        dh = da * u0.to(dtype) if du is None else torch.addcmul(da * u0.to(dtype), a1.to(dtype), du.to(dtype))
+    return dh if h0 is None else (dh, (h0 + dh).to(h0.dtype))
+
+
+fused_hidden_delta = fused(hidden_delta)  # one loop instead of a dozen passes (layers/kernels.py)
+
+
+class Hidden(NamedTuple):
+    """An FFN block's hidden states: the frozen ``h0``, ``(N, I)``; each slot's change ``dh``,
+    ``(S, N, I)``, or None (gate and up not adapted); each slot's ``h = h0 + dh`` when the down
+    experts read it (from the same fused pass), else None."""
+
+    h0: torch.Tensor
+    dh: torch.Tensor | None
+    h: torch.Tensor | None = None
+
+    def slots(self) -> torch.Tensor:
+        """``h0 + dh``, ``(S, N, I)``, or ``h0`` shared by the slots, ``(N, I)``."""
+        if self.h is not None:
+            return self.h
+        return self.h0 if self.dh is None else self.h0 + self.dh
 
 
 class MoEFeedForward(MoELayer):
@@ -194,28 +216,48 @@ class MoEFeedForward(MoELayer):
         adapted = [self.omoe_experts[p] for p in ("gate", "up") if p in self.omoe_experts]
         act = self.base_layer.act_fn
         if not adapted:
-            return act(g0) * u0, None
-        if torch.is_grad_enabled() and all(e.low_rank_delta for e in adapted):
-            # Keep only the low-rank codes z = A dropout(x), (S, N, r), and recompute the (S, N, I)
-            # gate/up deltas and the activation in backward: the hidden then costs about as much
-            # memory as plain LoRA's instead of several (S, N, I) tensors per slot.
+            return Hidden(act(g0) * u0, None)
+        if self.recompute_hidden(x) and all(e.low_rank_delta for e in adapted):
             zg, zu = self._low_rank_codes(x, indices)
             return checkpoint(self._hidden_from_codes, g0, u0, zg, zu, indices, use_reentrant=False)
         dg, du = (self._projection_delta(p, x, indices, base) for p, base in (("gate", g0), ("up", u0)))
-        return act(g0) * u0, hidden_delta(act, g0, u0, dg, du, self._delta_dtype(g0))
+        return self._hidden_from_deltas(g0, u0, dg, du)
+
+    def _hidden_from_deltas(self, g0, u0, dg, du) -> Hidden:
+        act = self.base_layer.act_fn
+        h0 = act(g0) * u0  # (N, I), as the base MLP forms it
+        dtype = self._delta_dtype(g0)
+        plain = plain_activation(act)  # fused for the activations it knows, else the reference form
+        delta = partial(fused_hidden_delta, plain) if plain is not None else partial(hidden_delta, act)
+        if "down" in self.omoe_experts:  # the down experts read h = h0 + dh: made in the same pass
+            return Hidden(h0, *delta(g0, u0, dg, du, dtype, h0))
+        return Hidden(h0, delta(g0, u0, dg, du, dtype))
+
+    @staticmethod
+    def recompute_hidden(x: torch.Tensor) -> bool:
+        """Whether training keeps only the low-rank codes ``z = A dropout(x)``, ``(S, N, r)``, and
+        recomputes the ``(S, N, I)`` gate/up deltas and the hidden change in backward.
+
+        On accelerators, yes: the hidden then costs about as much memory as plain LoRA's instead of
+        two ``(S, N, I)`` tensors per block. On CPU, no: there compute is the scarce resource (the
+        recomputation is 4% of a SmolLM2 step) and memory is not (455 MiB more saved activations
+        on 8 x 128 tokens; ``omoe bench`` reports both).
+        """
+        return torch.is_grad_enabled() and x.device.type != "cpu"
 
     def _low_rank_codes(self, x: torch.Tensor, indices):
         """``A dropout(x)`` of the gate and up experts, ``(S, N, r)`` each (None where not adapted)."""
         return tuple(
-            self.omoe_experts[p].down(self.omoe_experts[p].dropout(x), indices) if p in self.omoe_experts else None
+            self.omoe_experts[p].down(self.omoe_experts[p].dropout(x), indices)
+            if p in self.omoe_experts
+            else None
             for p in ("gate", "up")
         )
 
     def _hidden_from_codes(self, g0, u0, zg, zu, indices):
-        act = self.base_layer.act_fn
         dg = None if zg is None else self.omoe_experts["gate"].up(zg, indices)  # (S, N, I)
         du = None if zu is None else self.omoe_experts["up"].up(zu, indices)
-        return act(g0) * u0, hidden_delta(act, g0, u0, dg, du, self._delta_dtype(g0))
+        return self._hidden_from_deltas(g0, u0, dg, du)
 
     def _delta_dtype(self, g0: torch.Tensor) -> torch.dtype:
         if g0.dtype == torch.float16 and self.mixer.wide_gradients and torch.is_grad_enabled():
@@ -237,8 +279,9 @@ class MoEFeedForward(MoELayer):
         x2 = x.reshape(-1, shape[-1])  # (N, H)
         routing = self.route(x2)
         w, idx = routing.weights, routing.indices  # (S, N)
-        g0, u0 = mlp.gate_proj(x2), mlp.up_proj(x2)  # (N, I) each
-        h0, dh = self._hidden(x2, idx, g0, u0)  # (N, I) as the base MLP forms it; (S, N, I) or None
+        g0, u0 = frozen_linear(mlp.gate_proj, x2), frozen_linear(mlp.up_proj, x2)  # (N, I) each
+        hidden = self._hidden(x2, idx, g0, u0)
+        h0, dh = hidden.h0, hidden.dh  # (N, I) as the base MLP forms it; (S, N, I) or None
 
         down_experts = self.omoe_experts["down"] if "down" in self.omoe_experts else None  # noqa: SIM401 (ModuleDict)
         low_rank_down = down_experts is None or down_experts.low_rank_delta
@@ -247,32 +290,32 @@ class MoEFeedForward(MoELayer):
             # sum_s w_s E_s = down(h0 + sum_s w_s dh_s) - down(h0) + sum_s w_s (down expert s)(h_s),
             # so one down matmul replaces S of them (same result as the explicit form below).
             h_mix = h0 if dh is None else (h0 + torch.einsum("sn,sni->ni", w.to(dh.dtype), dh)).to(h0.dtype)
-            out = mlp.down_proj(h_mix)  # (N, H)
+            out = frozen_linear(mlp.down_proj, h_mix)  # (N, H)
             if down_experts is not None:
-                h = h0 if dh is None else h0 + dh  # (N, I) shared, or (S, N, I)
+                h = hidden.slots()  # (N, I) shared, or (S, N, I)
                 out = out + torch.einsum("sn,snd->nd", w.to(out.dtype), down_experts(h, idx)).to(out.dtype)
             return out.view(*shape[:-1], -1)
 
-        d0 = mlp.down_proj(h0)  # FFN_0(x), (N, H)
-        reps = self._representations(h0, dh, idx, d0, w.shape[0])  # (S, N, H)
+        d0 = frozen_linear(mlp.down_proj, h0)  # FFN_0(x), (N, H)
+        reps = self._representations(hidden, idx, d0, w.shape[0])  # (S, N, H)
         all_reps = None
         if self.wants_all_experts(routing):  # every expert on every token, for analysis
-            _, dh_all = self._hidden(x2, None, g0, u0)
-            all_reps = self._representations(h0, dh_all, None, d0, self.omoe_router.num_experts)  # (E, N, H)
+            every = self._hidden(x2, None, g0, u0)
+            all_reps = self._representations(every, None, d0, self.omoe_router.num_experts)  # (E, N, H)
         return (d0 + self.mix(reps, routing, all_reps).to(d0.dtype)).view(*shape[:-1], -1)
 
-    def _representations(self, h0, dh, idx, d0: torch.Tensor, slots: int) -> torch.Tensor:
+    def _representations(self, hidden: Hidden, idx, d0: torch.Tensor, slots: int) -> torch.Tensor:
         """``E_s(x) = FFN_s(x) - FFN_0(x) = W_down dh_s + (down expert s)(h0 + dh_s)`` per slot, ``(S, N, H)``.
 
-        h0: ``(N, I)`` frozen hidden; dh: ``(S, N, I)`` hidden changes or None; d0: ``(N, H)`` FFN_0(x).
+        hidden: the frozen hidden and its changes (:class:`Hidden`); d0: ``(N, H)`` FFN_0(x).
         Exactly zero for untrained experts: no term is a difference of two full products.
         """
+        h0, dh = hidden.h0, hidden.dh
         down = self.base_layer.down_proj
         reps = None if dh is None else _frozen_down(down, dh, h0.dtype)  # (S, N, H) W_down dh_s, no bias
         if "down" in self.omoe_experts:
             frozen = partial(_frozen_down_out, d0, down, reps)  # W_down h_s, if the variant asks
-            h = h0 if dh is None else h0 + dh  # (N, I) shared by the slots, or (S, N, I)
-            delta = self.omoe_experts["down"](h, idx, frozen, down)  # (S, N, H)
+            delta = self.omoe_experts["down"](hidden.slots(), idx, frozen, down)  # (S, N, H)
             reps = delta if reps is None else reps + delta
         if reps is None:  # no projection adapted: nothing to add
             reps = d0.new_zeros(slots, *d0.shape)

@@ -18,10 +18,12 @@ a cache.
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 
 import torch
 
 from omoe.errors import OMoEError
+from omoe.layers.kernels import frozen_linear
 from omoe.models.prefix import active_cache
 
 
@@ -43,10 +45,15 @@ def logits_only_at(model, keep: torch.Tensor):
         return (hidden[keep], *args[1:])  # (M, H)
 
     handle = head.register_forward_pre_hook(gather)
+    cast_once = type(head) is torch.nn.Linear and "forward" not in vars(head)
+    if cast_once:  # a frozen head's bf16 weight made once, not at every call (layers/kernels.py)
+        head.forward = partial(frozen_linear, head, plain=partial(torch.nn.Linear.forward, head))
     try:
         yield
     finally:
         handle.remove()
+        if cast_once:
+            del head.forward
 
 
 def selected_logits(
