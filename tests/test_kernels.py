@@ -55,7 +55,7 @@ def test_dropout_is_seeded_identity_in_eval_and_nn_dropout_under_reference_kerne
         ref = layer(x)
     torch.manual_seed(3)
     torch.testing.assert_close(ref, F.dropout(x, 0.1, True), rtol=0, atol=0)
-    assert kernels.fused_enabled()  # restored on exit
+    assert kernels._state["fused"]  # restored on exit
 
 
 def _hidden_inputs(dtype, scale=1e-2, slots=2, n=37, inter=96):

@@ -240,13 +240,15 @@ def bench_label_eval(model, prompts, *, batch_size, r, amp_dtype) -> dict[str, f
     def now() -> None:
         next_token_scores(wrapped, prompts, label_ids, 0, batch_size)
 
-    runs = {"label-before": (before, old_autocast_dtype(device)), "label-now": (now, amp_dtype)}
+    runs = {
+        "label-before": (before, old_autocast_dtype(device), reference_kernels),
+        "label-now": (now, amp_dtype, nullcontext),
+    }
     seconds = {}
     try:
         with torch.inference_mode():
-            for name, (fn, dtype) in runs.items():
-                kernels = reference_kernels() if name == "label-before" else nullcontext()
-                with kernels, autocast(dtype, device):
+            for name, (fn, dtype, kernels) in runs.items():
+                with kernels(), autocast(dtype, device):
                     fn()  # warm-up
                     sync()
                     t0 = time.perf_counter()

@@ -38,10 +38,6 @@ _state = {"fused": os.environ.get("OMOE_FUSED", "1") != "0", "broken": False}
 _MASK_LEVELS = 1 << 16
 
 
-def fused_enabled() -> bool:
-    return _state["fused"]
-
-
 @contextmanager
 def reference_kernels() -> Iterator[None]:
     """Use the reference forms (``aten::bernoulli_`` dropout, eager hidden change) inside."""
@@ -117,7 +113,6 @@ def fused(function: Callable) -> Callable:
             )
             return function(*args, **kwargs)
 
-    run.reference = function
     return run
 
 
