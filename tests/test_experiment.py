@@ -185,13 +185,19 @@ def test_grid_writes_one_result_per_cell_and_a_rerun_skips_them(tmp_path, smollm
     assert [spec.result_path(c).stat().st_mtime_ns for c in spec.cells] == stamps
 
 
-def test_cell_killed_mid_training_resumes_to_the_weights_of_an_uninterrupted_run(
-    tmp_path, smollm2_tokenizer, monkeypatch
-):
+def one_omoe_cell(**base) -> dict:
+    """The grid cut to one OMoE cell of 4 steps, with ``base`` keys (checkpointing) set."""
     data = copy.deepcopy(GRID)
     data["methods"] = {"omoe": {}}
     data["base"]["optim"]["max_steps"] = 4
-    data["base"]["checkpoint_every"] = 2
+    data["base"].update(base)
+    return data
+
+
+def test_cell_killed_mid_training_resumes_to_the_weights_of_an_uninterrupted_run(
+    tmp_path, smollm2_tokenizer, monkeypatch
+):
+    data = one_omoe_cell(checkpoint_every=2)
     whole = spec_of(tmp_path, data, "whole")
     run(whole, smollm2_tokenizer)
 
@@ -223,11 +229,7 @@ def test_cell_killed_mid_training_resumes_to_the_weights_of_an_uninterrupted_run
 def test_a_damaged_newest_checkpoint_leaves_the_cell_resumable_from_the_one_before(
     tmp_path, smollm2_tokenizer, monkeypatch
 ):
-    data = copy.deepcopy(GRID)
-    data["methods"] = {"omoe": {}}
-    data["base"]["optim"]["max_steps"] = 4
-    data["base"]["checkpoint_every"] = 1
-    data["base"]["keep_checkpoints"] = 3
+    data = one_omoe_cell(checkpoint_every=1, keep_checkpoints=3)
     spec = spec_of(tmp_path, data)
     save, calls = ckpt.save_checkpoint, []
 
