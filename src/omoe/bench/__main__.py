@@ -1,0 +1,7 @@
+"""``python -m omoe.bench``."""
+
+import sys
+
+from omoe.bench import main
+
+sys.exit(main())
