@@ -23,7 +23,7 @@ DOC = ROOT / "docs" / "architecture.md"
 # (title, module prefixes), ground floor first. A module belongs to the floor of its longest prefix.
 FLOORS = (
     ("ground: errors, names, options, helpers", ("omoe.errors", "omoe.version", "omoe.registry", "omoe.utils",
-                                                 "omoe.options")),
+                                                 "omoe.options", "omoe.yamlio")),
     ("layers: the adapter math (pure torch)", ("omoe.layers",)),
     ("config, models and the optimizer", ("omoe.config", "omoe.models", "omoe.optim")),
     ("injection into Hugging Face models, and the data", ("omoe.tuners", "omoe.data")),

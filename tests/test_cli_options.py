@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
+import yaml
 
 from omoe import options
 from omoe.analysis import AnalysisSpec
 from omoe.cli.main import build_parser, main
 from omoe.errors import ConfigError
+from omoe.yamlio import to_yaml
 
 
 def _err(capsys) -> str:
@@ -85,3 +89,16 @@ def test_the_old_module_name_is_the_options_module():
     from omoe.train import options as old
 
     assert old is options
+
+
+@dataclasses.dataclass
+class _One:
+    x: object = dataclasses.field(default=None, metadata={"help": "the one key"})
+
+
+@pytest.mark.parametrize("value", ["wait...", "...", "a", 0.001, 2, None, ["a", "b"], True])
+def test_to_yaml_writes_each_value_so_that_yaml_reads_it_back(value):
+    # a plain string ending in '...' used to lose it (PyYAML's document-end marker was cut twice)
+    text = to_yaml(_One(value))
+    assert text.startswith("# the one key\nx: ")
+    assert yaml.safe_load(text) == {"x": value}

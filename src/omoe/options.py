@@ -3,7 +3,7 @@
 A config is a dataclass whose fields carry ``metadata={"help": ...}`` and whose ``__post_init__``
 checks ranges. Nested dataclass fields are sections; a leaf is addressed by its dotted key
 (``optim.lr``). The same help text becomes the ``--help`` of the command and the comments of the
-YAML written by :func:`to_yaml`, so the two cannot drift apart.
+YAML written by :func:`omoe.yamlio.to_yaml`, so the two cannot drift apart.
 
 Values are coerced to the annotated type with messages that name the key; unknown keys raise a
 :class:`~omoe.errors.ConfigError` that lists the valid ones.
@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import textwrap
 import types
 import typing
-from pathlib import Path
 
 import yaml
 
 from omoe.errors import ConfigError
+from omoe.yamlio import field_help, read_yaml, section_doc, show
+from omoe.yamlio import to_yaml as to_yaml  # options.to_yaml, as before yamlio held it
 
 _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
@@ -53,16 +53,6 @@ def leaves(cls, prefix: str = "") -> list[tuple[str, dataclasses.Field, object]]
 
 def valid_keys(cls) -> list[str]:
     return [key for key, _, _ in leaves(cls)]
-
-
-def section_doc(cls) -> str:
-    """The first paragraph of a section class's docstring, on one line."""
-    doc = (cls.__doc__ or "").strip().split("\n\n")[0]
-    return " ".join(line.strip() for line in doc.splitlines())
-
-
-def field_help(f: dataclasses.Field) -> str:
-    return f.metadata.get("help", "")
 
 
 def type_name(tp) -> str:
@@ -232,67 +222,8 @@ def key_type(cls, key: str):
     return {k: tp for k, _, tp in leaves(cls)}[key]
 
 
-def read_yaml(path: str | Path) -> dict:
-    """Read a YAML mapping; missing, unreadable or malformed files raise one-line errors."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"config file not found: {path}")
-    if path.is_dir():
-        raise ConfigError(f"config {path} is a directory; give a YAML file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"cannot read config {path}: {err}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = " ".join(str(getattr(err, "problem", None) or err).split())  # one line
-        raise ConfigError(f"{path} is not valid YAML{where}: {problem}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping of keys to values, got a {type(data).__name__}")
-    return data
-
-
 def to_dict(obj) -> dict:
     return dataclasses.asdict(obj)
-
-
-def to_yaml(obj, header: str | None = None) -> str:
-    """The config as YAML, each key preceded by its help text as a comment (litgpt style)."""
-    lines = [f"# {h}" if h else "#" for h in header.splitlines()] if header else []
-    _yaml_lines(obj, 0, lines)
-    return "\n".join(lines) + "\n"
-
-
-def _yaml_lines(obj, indent: int, lines: list[str]) -> None:
-    pad = "  " * indent
-    for f in dataclasses.fields(obj):
-        if not f.init:
-            continue
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            if lines and indent == 0:
-                lines.append("")
-            for h in _wrap(section_doc(type(value)), 100 - len(pad)):
-                lines.append(f"{pad}# {h}")
-            lines.append(f"{pad}{f.name}:")
-            _yaml_lines(value, indent + 1, lines)
-            continue
-        for h in _wrap(field_help(f), 100 - len(pad)):
-            lines.append(f"{pad}# {h}")
-        dumped = yaml.safe_dump(value, default_flow_style=True, width=1000).strip()
-        if dumped.endswith("\n..."):
-            dumped = dumped[: -len("\n...")]
-        dumped = dumped.removesuffix("...").strip()
-        lines.append(f"{pad}{f.name}: {dumped}")
-
-
-def _wrap(text: str, width: int) -> list[str]:
-    return textwrap.wrap(text, width=max(width, 40)) if text else []
 
 
 # ---------------------------------------------------------------------------- argparse
@@ -323,7 +254,7 @@ def add_arguments(
             doc = section_doc(_section_class(cls, section)) if section else None
             groups[section] = parser.add_argument_group(title, doc)
         default = _default(cls, key)
-        shown = "required" if default is dataclasses.MISSING else f"default: {_show(default)}"
+        shown = "required" if default is dataclasses.MISSING else f"default: {show(default)}"
         help_text = f"{field_help(f)} ({type_name(tp)}; {shown})".replace("%", "%%")
         flags = [f"--{key}"] + [f"--{a}" for a in reverse.get(key, [])]
         if "_" in key and f"--{key.replace('_', '-')}" not in flags:
@@ -381,10 +312,6 @@ def _get_dotted(obj, key: str):
     for part in key.split("."):
         obj = getattr(obj, part)
     return obj
-
-
-def _show(value) -> str:
-    return yaml.safe_dump(value, default_flow_style=True, width=1000).strip().removesuffix("...").strip()
 
 
 def _metavar(tp) -> str:

@@ -11,7 +11,7 @@ def fields_table(cls=TrainConfig) -> str:
     defaults = cls()
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for key, f, tp in options.leaves(cls):
-        default = options._show(options._get_dotted(defaults, key))
+        default = options.show(options._get_dotted(defaults, key))
         meaning = options.field_help(f).replace("|", "\\|")
         lines.append(f"| `{key}` | {options.type_name(tp)} | `{default}` | {meaning} |")
     return "\n".join(lines)
