@@ -38,14 +38,14 @@ import torch
 from omoe.data.loader import load_task
 from omoe.data.prompts import render_many
 from omoe.errors import ConfigError
+from omoe.experiment.results import RESULT_KIND as RESULT_KIND  # re-exported
+from omoe.experiment.results import CellResult, EvalSummary, Score, TrainSummary, WallSeconds
 from omoe.experiment.spec import Cell, ExperimentSpec, fingerprint
 from omoe.experiment.stats import records_path, records_payload, write_records
 from omoe.train import checkpoint as ckpt
 from omoe.train.config import TrainConfig, load_config
 from omoe.utils import atomic_write_text, json_text
 
-RESULT_KIND = "omoe.experiment.cell"
-SCHEMA_VERSION = 1
 PREDICTIONS = "eval_predictions.jsonl"
 
 
@@ -64,10 +64,10 @@ def cell_state(spec: ExperimentSpec, cell: Cell, *, locks: bool = True) -> CellS
     result = spec.result_path(cell)
     if result.exists():
         try:
-            saved = json.loads(result.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
+            saved = CellResult.from_dict(json.loads(result.read_text(encoding="utf-8")), str(result))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, ConfigError):
             return CellState("stale", "unreadable result file")
-        if saved.get("fingerprint") == cell.fingerprint:
+        if saved.fingerprint == cell.fingerprint:
             return CellState("done", _metrics_line(saved))
         return CellState("stale", "result computed under another config")
     work = cell.work_dir
@@ -86,7 +86,9 @@ def cell_state(spec: ExperimentSpec, cell: Cell, *, locks: bool = True) -> CellS
             continue  # damaged: the trainer skips it too and resumes from an older one
         if _same_training(lambda saved=saved: saved, cell):
             steps = cell.config.optim.max_steps
-            return CellState("checkpoint", f"resumes from {checkpoint.name}" + (f" of {steps}" if steps else ""))
+            return CellState(
+                "checkpoint", f"resumes from {checkpoint.name}" + (f" of {steps}" if steps else "")
+            )
         return CellState("stale", "checkpoint from another config")
     return CellState("todo")
 
@@ -190,7 +192,8 @@ def run_experiment(
     progress: bool = True,
     echo=print,
 ) -> list[dict]:
-    """Run the selected cells that are not done; return the result dicts written in this call.
+    """Run the selected cells that are not done; return the results written in this call, as the
+    JSON objects of their files (:meth:`CellResult.to_dict`).
 
     ``model``/``tokenizer``: an in-memory base model to use for every cell instead of loading
     ``base.model`` (tests). ``echo`` receives one progress line per cell.
@@ -209,12 +212,14 @@ def run_experiment(
                 continue
             result = _run_locked(spec, cell, bases, records, progress, tag, echo)
         if result is not None:
-            written.append(result)
+            written.append(result.to_dict())
             echo(f"{tag}: {_summary_line(result)}")
     return written
 
 
-def _run_locked(spec, cell: Cell, bases: BaseModels, records, progress: bool, tag: str, echo) -> dict | None:
+def _run_locked(
+    spec, cell: Cell, bases: BaseModels, records, progress: bool, tag: str, echo
+) -> CellResult | None:
     """Run ``cell`` under its lock, from its state read now (another process may have finished it)."""
     state = cell_state(spec, cell, locks=False)
     if state.state == "done":
@@ -236,103 +241,92 @@ def _run_locked(spec, cell: Cell, bases: BaseModels, records, progress: bool, ta
 
 def run_cell(
     spec: ExperimentSpec, cell: Cell, state: CellState, bases: BaseModels, records, progress: bool
-) -> dict:
+) -> CellResult:
     """Train (or resume, or reuse) and evaluate one cell; write its result JSON atomically."""
-    from omoe.eval.evaluate import evaluate
-    from omoe.train.trainer import RESULTS_FILE, train
+    from omoe.eval.run import load_adapter
+    from omoe.train.trainer import train
 
     start = time.perf_counter()
     config = _with_progress(cell.config, progress)
     base, tokenizer, load_s = bases.get(config)
     t0 = time.perf_counter()
     if state.state == "trained":
-        from omoe.eval.run import load_adapter
-
         model = load_adapter(base, cell.work_dir).to(_device(config.device))
-        trained_now = False
     else:
         model = train(config, model=base, tokenizer=tokenizer, resume=state.state == "checkpoint").model
-        trained_now = True
     train_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    metrics: dict[str, dict] = {}
-    predictions = []
     try:
-        for task in cell.eval_tasks:
-            for protocol in spec.eval.protocols:
-                m, preds = evaluate(
-                    model, tokenizer, task, records[task], protocol, spec.eval.batch_size,
-                    progress=progress, prompt=config.data.prompt, **spec.eval.generation_options(protocol),
-                )  # fmt: skip
-                metrics.setdefault(task, {})[protocol] = _slim(m)
-                predictions.extend(preds)
+        metrics, predictions = _evaluate(spec, cell, model, tokenizer, records, config.data.prompt, progress)
     finally:
         model.unload()  # the shared base model gets its original modules back
     eval_s = time.perf_counter() - t0
 
-    summary = json.loads((cell.work_dir / RESULTS_FILE).read_text(encoding="utf-8"))
-    from omoe.train.metrics import JSONL, read_metrics
+    params, trained = _training_summary(cell.work_dir, trained_now=state.state != "trained")
+    result = CellResult(
+        experiment=spec.name, description=spec.description, config_file=str(spec.path) if spec.path else None,
+        cell=cell.id, method=cell.method, method_index=cell.method_index, method_overrides=cell.overrides,
+        setting=cell.setting, tasks=spec.tasks, train_tasks=cell.train_tasks, eval_tasks=cell.eval_tasks,
+        seed=cell.seed, sweep=cell.sweep, sweep_index=cell.sweep_index, fingerprint=cell.fingerprint,
+        train_config=cell.config.to_dict(), trainable_parameters=params, train=trained,
+        eval=EvalSummary(
+            protocols=list(spec.eval.protocols), prompt=config.data.prompt, limit=spec.eval.limit,
+            batch_size=spec.eval.batch_size, max_new_tokens=spec.eval.max_new_tokens,
+            num_beams=spec.eval.num_beams, splits={t: spec.eval.split_of(t) for t in cell.eval_tasks},
+        ),
+        metrics=metrics, hardware=hardware(config.device),
+        wall_seconds=WallSeconds(load=round(load_s, 3), train=round(train_s, 3), eval=round(eval_s, 3),
+                                 total=round(time.perf_counter() - start, 3)),
+        records_file=records_path(spec.result_path(cell)).name,  # per-record results (paired tables)
+        work_dir=str(cell.work_dir), finished_at=_now(),
+    )  # fmt: skip
+    _write(spec, cell, result, records, predictions)
+    return result
 
-    rows = read_metrics(cell.work_dir / JSONL)
-    result = {
-        "kind": RESULT_KIND,
-        "schema": SCHEMA_VERSION,
-        "experiment": spec.name,
-        "description": spec.description,
-        "config_file": str(spec.path) if spec.path else None,
-        "cell": cell.id,
-        "method": cell.method,
-        "method_index": cell.method_index,
-        "method_overrides": cell.overrides,
-        "setting": cell.setting,
-        "tasks": spec.tasks,
-        "train_tasks": cell.train_tasks,
-        "eval_tasks": cell.eval_tasks,
-        "seed": cell.seed,
-        "sweep": cell.sweep,
-        "sweep_index": cell.sweep_index,
-        "fingerprint": cell.fingerprint,
-        "train_config": cell.config.to_dict(),
-        "trainable_parameters": summary["trainable_parameters"],
-        "train": {
-            "steps": summary["steps"],
-            "num_examples": summary["num_examples"],
-            "num_truncated": summary["num_truncated"],
-            "first_loss": rows[0]["loss"] if rows else None,
-            "final_loss": rows[-1]["loss"] if rows else summary.get("final_loss"),
-            "wall_seconds": summary["elapsed_s"],
-            "resumed_from": summary.get("resumed_from"),
-            "trained_in_this_call": trained_now,
-        },
-        "eval": {
-            "protocols": list(spec.eval.protocols),
-            "prompt": config.data.prompt,  # the format of training and of every protocol's prompts
-            "limit": spec.eval.limit,
-            "batch_size": spec.eval.batch_size,
-            "max_new_tokens": spec.eval.max_new_tokens,
-            "num_beams": spec.eval.num_beams,
-            "splits": {t: spec.eval.split_of(t) for t in cell.eval_tasks},
-        },
-        "metrics": metrics,
-        "hardware": hardware(config.device),
-        "wall_seconds": {
-            "load": round(load_s, 3),
-            "train": round(train_s, 3),
-            "eval": round(eval_s, 3),
-            "total": round(time.perf_counter() - start, 3),
-        },
-        "records_file": records_path(spec.result_path(cell)).name,  # per-record results (paired tables)
-        "work_dir": str(cell.work_dir),
-        "finished_at": _now(),
-    }
+
+def _evaluate(spec, cell: Cell, model, tokenizer, records, prompt: str, progress: bool):
+    """``(task -> protocol -> Score, every prediction)`` of the cell's test sets."""
+    from omoe.eval.evaluate import evaluate
+
+    metrics: dict[str, dict[str, Score]] = {}
+    predictions = []
+    for task in cell.eval_tasks:
+        for protocol in spec.eval.protocols:
+            m, preds = evaluate(
+                model, tokenizer, task, records[task], protocol, spec.eval.batch_size,
+                progress=progress, prompt=prompt, **spec.eval.generation_options(protocol),
+            )  # fmt: skip
+            metrics.setdefault(task, {})[protocol] = Score.from_dict(m)
+            predictions.extend(preds)
+    return metrics, predictions
+
+
+def _training_summary(work_dir: Path, trained_now: bool) -> tuple[int, TrainSummary]:
+    """``(trainable parameters, TrainSummary)`` from the trainer's files in ``work_dir``."""
+    from omoe.train.metrics import JSONL, read_metrics
+    from omoe.train.trainer import RESULTS_FILE
+
+    summary = json.loads((work_dir / RESULTS_FILE).read_text(encoding="utf-8"))
+    rows = read_metrics(work_dir / JSONL)
+    return summary["trainable_parameters"], TrainSummary(
+        steps=summary["steps"], num_examples=summary["num_examples"], num_truncated=summary["num_truncated"],
+        first_loss=rows[0]["loss"] if rows else None,
+        final_loss=rows[-1]["loss"] if rows else summary.get("final_loss"),
+        wall_seconds=summary["elapsed_s"], resumed_from=summary.get("resumed_from"),
+        trained_in_this_call=trained_now,
+    )  # fmt: skip
+
+
+def _write(spec: ExperimentSpec, cell: Cell, result: CellResult, records, predictions: list[dict]) -> None:
+    """The predictions file, the records file, then the result JSON."""
     atomic_write_text(
         cell.work_dir / PREDICTIONS, "".join(json_text(p, ensure_ascii=False) + "\n" for p in predictions)
     )
     payload = records_payload(cell.id, {t: records[t] for t in cell.eval_tasks}, predictions)
-    write_records(records_path(spec.result_path(cell)), payload)  # first: the result marks the cell done
-    atomic_write_text(spec.result_path(cell), json_text(result, indent=2, ensure_ascii=False) + "\n")
-    return result
+    write_records(records_path(spec.result_path(cell)), payload)
+    text = json_text(result.to_dict(), indent=2, ensure_ascii=False) + "\n"
+    atomic_write_text(spec.result_path(cell), text)  # last: the result marks the cell done
 
 
 def hardware(device: str = "auto") -> dict:
@@ -379,36 +373,22 @@ def _with_progress(config: TrainConfig, progress: bool) -> TrainConfig:
     return config
 
 
-def _slim(metrics: dict) -> dict:
-    keep = (
-        "accuracy",
-        "acc_norm",
-        "n",
-        "correct",
-        "no_match",
-        "seconds",
-        "prediction_counts",
-        "answer_counts",
-    )
-    return {k: metrics[k] for k in keep if k in metrics}
-
-
-def _metrics_line(result: dict) -> str:
+def _metrics_line(result: CellResult) -> str:
     parts = []
-    for task, by_protocol in result.get("metrics", {}).items():
-        scores = " ".join(f"{p} {m['accuracy']:.3f}" for p, m in by_protocol.items())
+    for task, by_protocol in result.metrics.items():
+        scores = " ".join(f"{p} {m.accuracy:.3f}" for p, m in by_protocol.items())
         parts.append(f"{task} {scores}")
     return "; ".join(parts)
 
 
-def _summary_line(result: dict) -> str:
-    train = result["train"]
-    loss = f"{train['final_loss']:.4f}" if train["final_loss"] is not None else "n/a"
-    how = "trained" if train["trained_in_this_call"] else "reused the trained adapter,"
-    if train["trained_in_this_call"] and train["resumed_from"]:
-        how = f"resumed from {Path(train['resumed_from']).name},"
-    seconds = result["wall_seconds"]
+def _summary_line(result: CellResult) -> str:
+    train = result.train
+    loss = f"{train.final_loss:.4f}" if train.final_loss is not None else "n/a"
+    how = "trained" if train.trained_in_this_call else "reused the trained adapter,"
+    if train.trained_in_this_call and train.resumed_from:
+        how = f"resumed from {Path(train.resumed_from).name},"
+    seconds = result.wall_seconds
     return (
-        f"{how} {train['steps']} steps (loss {loss}), {result['trainable_parameters']:,d} params; "
-        f"{_metrics_line(result)}; train {seconds['train']:.1f} s, eval {seconds['eval']:.1f} s"
+        f"{how} {train.steps} steps (loss {loss}), {result.trainable_parameters:,d} params; "
+        f"{_metrics_line(result)}; train {seconds.train:.1f} s, eval {seconds.eval:.1f} s"
     )
