@@ -21,9 +21,10 @@ from omoe import OMoEModel
 from omoe.errors import ConfigError
 from omoe.models.testing import tiny_llama
 from omoe.train import checkpoint as ckpt
-from omoe.train import lr_factor, train
+from omoe.train import distributed, lr_factor, train
 from omoe.train.config import load_config
 from omoe.train.metrics import read_metrics
+from omoe.train.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -273,6 +274,34 @@ def test_sigkilled_run_resumes_to_the_weights_of_an_uninterrupted_run(
     a, b = read_metrics(reference.output_dir / "metrics.jsonl"), read_metrics(metrics)
     assert [r["step"] for r in b] == list(range(1, 13))
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], abs=1e-6)
+
+
+def _without_timing(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "elapsed_s")} for r in rows]
+
+
+def test_trainer_steps_taken_by_hand_equal_a_train_call_bit_for_bit(tmp_path, smollm2_tokenizer):
+    """Trainer.setup(), step() twice, save(), close(), finish(): the rows, the checkpoint (weights and
+    optimizer state) and the adapter of train() with max_steps 2 and checkpoint_every 2, dropout on."""
+    settings = {"optim.max_steps": 2, "checkpoint_every": 2, "adapter.dropout": 0.1}
+    reference = run_tiny(tmp_path, smollm2_tokenizer, "ref", **settings)
+    config = tiny_config(tmp_path, "by-hand", **settings)
+    trainer = Trainer(config, distributed.setup("cpu"), model=tiny_llama(0), tokenizer=smollm2_tokenizer)
+    trainer.setup()
+    rows = [trainer.step(), trainer.step()]
+    assert trainer.global_step == 2 and trainer.history == rows
+    trainer.save()
+    trainer.close()
+    result = trainer.finish()
+    assert _without_timing(rows) == _without_timing(reference.history)
+    step2 = Path(ckpt.CHECKPOINTS) / "step-00000002"
+    for name in (ckpt.WEIGHTS, step2 / ckpt.WEIGHTS):
+        a, b = load_file(reference.output_dir / name), load_file(result.output_dir / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    a, b = (torch.load(d / step2 / ckpt.STATE_PT, weights_only=True)["optimizer"]["state"]
+            for d in (reference.output_dir, result.output_dir))  # fmt: skip
+    assert a.keys() == b.keys() and all(torch.equal(a[n][k], b[n][k]) for n in a for k in a[n])
+    assert read_metrics(result.output_dir / "metrics.jsonl") == rows
 
 
 # ---------------------------------------------------------------------------- precision

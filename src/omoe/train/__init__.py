@@ -4,7 +4,8 @@
 """
 
 from omoe.train.config import DataConfig, LoggingConfig, OptimConfig, TrainConfig, load_config
-from omoe.train.trainer import TrainResult, lr_factor, train
+from omoe.train.loop import lr_factor
+from omoe.train.trainer import TrainResult, train
 
 __all__ = [
     "DataConfig",
