@@ -16,12 +16,11 @@ import hashlib
 import itertools
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from omoe.data.tasks import get_task
 from omoe.errors import ConfigError
-from omoe.eval.evaluate import PROTOCOLS, get_protocol
+from omoe.experiment.eval_options import EvalOptions
 from omoe.train import options
 from omoe.train.config import PAPER_TASKS, RESULT_FREE_KEYS, DataConfig, TrainConfig
 
@@ -45,63 +44,6 @@ LEGACY_VALUES = {
     "quantization": "none",  # issue 12: the base was never quantized before
 }
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
-
-
-@dataclass
-class EvalOptions:
-    """How every cell is evaluated (the ``eval`` block)."""
-
-    protocols: list[str] = field(
-        default_factory=lambda: ["generate"],
-        metadata={"help": f"protocols to score each test set with, from {', '.join(PROTOCOLS)}"},
-    )
-    limit: int | None = field(
-        default=None, metadata={"help": "first N test records of each task (file order); null = all"}
-    )
-    batch_size: int = field(default=8, metadata={"help": "prompts per forward/generate call"})
-    max_new_tokens: int = field(default=32, metadata={"help": "generate only: generation length limit"})
-    num_beams: int = field(default=1, metadata={"help": "generate only: 1 = greedy"})
-    tasks: list[str] | None = field(
-        default=None,
-        metadata={
-            "help": "multi-task cells: the test sets to score (default: the trained tasks); single-task "
-            "cells are scored on their own task"
-        },
-    )
-    split: str | None = field(
-        default=None,
-        metadata={"help": "bundled split to score (default: test, or sample where only one ships)"},
-    )
-
-    def __post_init__(self) -> None:
-        for key in ("limit", "batch_size", "max_new_tokens", "num_beams"):
-            value = getattr(self, key)
-            if (value is not None or key != "limit") and (isinstance(value, bool) or value < 1):
-                raise ConfigError(f"eval.{key} must be an integer >= 1, got {value!r}")
-        if not self.protocols:
-            raise ConfigError("eval.protocols must name at least one protocol")
-        if len(set(self.protocols)) != len(self.protocols):
-            raise ConfigError(f"eval.protocols lists a protocol twice: {self.protocols}")
-        for name in self.protocols:
-            get_protocol(name, **self.generation_options(name))
-        for name in self.tasks or []:
-            self.split_of(name)
-
-    def split_of(self, task: str) -> str:
-        """The split scored for ``task``; raises if the task does not ship it."""
-        t = get_task(task)
-        split = self.split or t.eval_split
-        if split not in t.splits:
-            raise ConfigError(
-                f"task {t.name} has no bundled {split!r} split; it ships: {', '.join(t.splits)}"
-            )
-        return split
-
-    def generation_options(self, protocol: str) -> dict:
-        """Keyword arguments of :func:`omoe.eval.evaluate` for ``protocol``."""
-        if protocol != "generate":
-            return {}
-        return {"max_new_tokens": self.max_new_tokens, "num_beams": self.num_beams}
 
 
 @dataclass
@@ -178,6 +120,8 @@ def load_experiment(
 def build_experiment(
     data: dict, path: Path | None = None, results_dir=None, work_dir=None, prompt: str | None = None
 ) -> ExperimentSpec:
+    """Check an experiment file's mapping and resolve every cell (``path``: where it was read, for
+    the messages; ``prompt``: see :func:`load_experiment`)."""
     where = str(path) if path else "experiment"
     unknown = [k for k in data if k not in SPEC_KEYS]
     if unknown:
@@ -185,9 +129,44 @@ def build_experiment(
     name = str(data.get("name") or (path.stem if path else ""))
     if not _NAME.fullmatch(name):
         raise ConfigError(f"{where}: name {name!r} must be letters, digits and . _ + - (a directory name)")
-    description = str(data.get("description") or "")
+    base = _base(data.get("base") or {}, where, prompt)
+    tasks = _str_list(data.get("tasks", _get(base, "data.tasks") or list(PAPER_TASKS)), "tasks", where)
+    DataConfig(tasks=tasks)  # every task exists and ships a train split
+    settings = _str_list(data.get("settings", ["multi"]), "settings", where)  # each once
+    for s in settings:
+        if s not in SETTINGS:
+            raise ConfigError(f"{where}: unknown setting {s!r}; allowed: {', '.join(SETTINGS)}")
+    seeds = _seeds(data, base, where)
+    methods = _methods(data.get("methods"), where)
+    points = _sweep_points(data.get("sweep"), where)
+    eval_options = options.build(EvalOptions, data.get("eval"), "eval.")
+    results_dir = Path(results_dir or data.get("results_dir") or Path("results") / name)
+    work_dir = Path(work_dir or data.get("work_dir") or Path("runs") / "experiments" / name)
 
-    base = data.get("base") or {}
+    cells: dict[str, Cell] = {}
+    for seed, setting in itertools.product(seeds, settings):
+        groups = [[t] for t in tasks] if setting == "single" else [tasks]
+        for train_tasks, (sweep_index, point) in itertools.product(groups, enumerate(points)):
+            for method_index, (method, overrides) in enumerate(methods.items()):
+                cell_id, config = _cell_config(base, work_dir, method, overrides, setting, train_tasks, point,
+                                               seed, where)  # fmt: skip
+                eval_tasks = list(train_tasks) if setting == "single" else list(eval_options.tasks or tasks)
+                eval_options.check_cell(eval_tasks, config.data.prompt, f"{where}: cell {cell_id}")
+                if cell_id in cells:
+                    raise ConfigError(
+                        f"{where}: two cells would share the id {cell_id}; rename a method or sweep value"
+                    )
+                cells[cell_id] = Cell(cell_id, method, method_index, overrides, setting, list(train_tasks),
+                                      eval_tasks, seed, point, sweep_index, config,
+                                      fingerprint(config, eval_options, eval_tasks))  # fmt: skip
+    description = str(data.get("description") or "")
+    return ExperimentSpec(
+        name, description, path, eval_options, tasks, results_dir, work_dir, methods, list(cells.values())
+    )
+
+
+def _base(base, where: str, prompt: str | None) -> dict:
+    """The ``base`` block, nested and checked: valid alone, and without the keys the grid sets."""
     if not isinstance(base, dict):
         raise ConfigError(f"{where}: base must be a mapping of training-config keys, got {base!r}")
     base = _nested(_flatten(base), f"{where}: base")
@@ -200,69 +179,33 @@ def build_experiment(
         TrainConfig.from_dict(base)  # base alone must be valid
     except ConfigError as err:
         raise ConfigError(f"{where}: base: {err}") from None
+    return base
 
-    tasks = _str_list(data.get("tasks", _get(base, "data.tasks") or list(PAPER_TASKS)), "tasks", where)
-    DataConfig(tasks=tasks)  # every task exists and ships a train split
-    settings = _str_list(data.get("settings", ["multi"]), "settings", where)
-    for s in settings:
-        if s not in SETTINGS:
-            raise ConfigError(f"{where}: unknown setting {s!r}; allowed: {', '.join(SETTINGS)}")
-    if len(set(settings)) != len(settings):
-        raise ConfigError(f"{where}: settings lists a setting twice: {settings}")
+
+def _seeds(data: dict, base: dict, where: str) -> list[int]:
     seeds = data.get("seeds", [_get(base, "seed") if _get(base, "seed") is not None else 42])
     seeds = seeds if isinstance(seeds, list) else [seeds]
     if not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in seeds):
         raise ConfigError(f"{where}: seeds must be a list of integers >= 0, got {data.get('seeds')!r}")
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"{where}: seeds lists a seed twice: {seeds}")
+    return seeds
 
-    methods = _methods(data.get("methods"), where)
-    points = _sweep_points(data.get("sweep"), where)
-    eval_options = options.build(EvalOptions, data.get("eval"), "eval.")
-    results_dir = Path(results_dir or data.get("results_dir") or Path("results") / name)
-    work_dir = Path(work_dir or data.get("work_dir") or Path("runs") / "experiments" / name)
 
-    cells: list[Cell] = []
-    seen: dict[str, Cell] = {}
-    for seed, setting in itertools.product(seeds, settings):
-        groups = [[t] for t in tasks] if setting == "single" else [tasks]
-        for train_tasks, (sweep_index, point) in itertools.product(groups, enumerate(points)):
-            for method_index, (method, overrides) in enumerate(methods.items()):
-                config_data = copy.deepcopy(base)
-                for key, value in (*overrides.items(), *point.items()):  # the sweep wins over the method
-                    options.set_dotted(config_data, TrainConfig, key, copy.deepcopy(value))
-                cell_prompt = _get(config_data, "data.prompt") or "alpaca"
-                cell_id = _cell_id(method, setting, train_tasks, point, seed, cell_prompt)
-                config_data["seed"] = seed
-                config_data["output_dir"] = str(work_dir / cell_id)
-                config_data.setdefault("data", {})["tasks"] = list(train_tasks)
-                try:
-                    config = TrainConfig.from_dict(config_data)
-                except ConfigError as err:
-                    raise ConfigError(f"{where}: cell {cell_id}: {err}") from None
-                if setting == "single":
-                    eval_tasks = list(train_tasks)
-                else:
-                    eval_tasks = list(eval_options.tasks or tasks)
-                for t in eval_tasks:
-                    eval_options.split_of(t)
-                for protocol in eval_options.protocols:  # the cell is scored in its training format
-                    try:
-                        get_protocol(
-                            protocol, **eval_options.generation_options(protocol), prompt=config.data.prompt
-                        )
-                    except ConfigError as err:
-                        raise ConfigError(f"{where}: cell {cell_id}: {err}") from None
-                cell = Cell(cell_id, method, method_index, overrides, setting, list(train_tasks), eval_tasks,
-                            seed, point, sweep_index, config)  # fmt: skip
-                if cell_id in seen:
-                    raise ConfigError(
-                        f"{where}: two cells would share the id {cell_id}; rename a method or sweep value"
-                    )
-                cell.fingerprint = fingerprint(config, eval_options, eval_tasks)
-                seen[cell_id] = cell
-                cells.append(cell)
-    return ExperimentSpec(name, description, path, eval_options, tasks, results_dir, work_dir, methods, cells)
+def _cell_config(base, work_dir, method, overrides, setting, train_tasks, point, seed, where):
+    """``(cell id, TrainConfig)`` of one cell: the base, then the method, then the sweep point."""
+    config_data = copy.deepcopy(base)
+    for key, value in (*overrides.items(), *point.items()):  # the sweep wins over the method
+        options.set_dotted(config_data, TrainConfig, key, copy.deepcopy(value))
+    prompt = _get(config_data, "data.prompt") or "alpaca"
+    cell_id = _cell_id(method, setting, train_tasks, point, seed, prompt)
+    config_data["seed"] = seed
+    config_data["output_dir"] = str(work_dir / cell_id)
+    config_data.setdefault("data", {})["tasks"] = list(train_tasks)
+    try:
+        return cell_id, TrainConfig.from_dict(config_data)
+    except ConfigError as err:
+        raise ConfigError(f"{where}: cell {cell_id}: {err}") from None
 
 
 def fingerprint(config: TrainConfig, eval_options: EvalOptions | None = None, eval_tasks=None) -> str:
