@@ -26,12 +26,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from omoe.config import OMoEConfig
+from omoe.data.loader import load_task
+from omoe.data.tasks import get_task
 from omoe.errors import ConfigError
+from omoe.eval.evaluate import evaluate, get_protocol
+from omoe.eval.report import write_results
 from omoe.experiment.stats import RESAMPLES, SEED, bootstrap_means, percentile_interval
+from omoe.models import load_model
 from omoe.models.prefix import frozen_prefix
 from omoe.train import options
-from omoe.utils import json_text
+from omoe.train.config import TrainConfig
+from omoe.train.trainer import train
+from omoe.utils import atomic_write_text, json_text
 
 QUICKSTART_TASKS = ("ARC-Easy",)
 DEFAULT_PROTOCOL = {"alpaca": "generate", "moe-peft": "label"}  # each format's own paper protocol
@@ -99,8 +108,6 @@ class QuickstartConfig:
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:
-        from omoe.data.tasks import get_task
-
         if not self.tasks:
             raise ConfigError("tasks must name at least one task")
         for name in self.tasks:
@@ -118,13 +125,9 @@ class QuickstartConfig:
             raise ConfigError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
-        from omoe.eval.evaluate import get_protocol
-
         if self.protocol is None:
             self.protocol = DEFAULT_PROTOCOL.get(self.prompt, "generate")
         get_protocol(self.protocol, **self.generation(), prompt=self.prompt)
-        from omoe.config import OMoEConfig
-
         OMoEConfig(layers=self.layers)  # the layers syntax, checked now
 
     def generation(self) -> dict:
@@ -133,8 +136,6 @@ class QuickstartConfig:
 
     def train_config(self):
         """The :class:`~omoe.train.TrainConfig` of the fine-tune (default ``OMoEConfig()`` adapter)."""
-        from omoe.train.config import TrainConfig
-
         return TrainConfig.from_dict(
             {
                 "model": self.model,
@@ -181,44 +182,41 @@ def run(args: argparse.Namespace) -> int:
 
 def quickstart(config: QuickstartConfig, model=None, tokenizer=None) -> dict:
     """Run the quickstart; return the results dict written to ``output_dir/results.json``."""
-    import torch
-
-    from omoe.data.loader import load_task
-    from omoe.eval.evaluate import evaluate
-    from omoe.eval.report import write_results
-    from omoe.train.trainer import train
-    from omoe.utils import atomic_write_text
-
     start = time.perf_counter()
-    out = Path(config.output_dir)
     train_config = config.train_config()  # validates before anything slow
     test_sets = {t: load_task(t, limit=config.eval_limit) for t in config.tasks}  # each task's eval_split
     torch.set_flush_denormal(True)
-
     if model is None:
-        from omoe.models import load_model
-
         _say(f"loading {config.model} (the first run converts the GGUF file, ~30 s)")
         model, tokenizer = load_model(config.model)
     load_s = time.perf_counter() - start
+    before, result, train_s, after = _evaluate_train_evaluate(
+        config, train_config, test_sets, model, tokenizer
+    )
+    gains = {task: gain(before.predictions, after.predictions, task) for task in config.tasks}
+    table = comparison_table(before.metrics, after.metrics, gains)
+    seconds = {"load": load_s, "eval_before": before.seconds, "train": train_s, "eval_after": after.seconds,
+               "total": time.perf_counter() - start}  # fmt: skip
+    results = _results(config, before, after, gains, result, seconds)
+    out = Path(config.output_dir)
+    atomic_write_text(out / "results.json", json_text(results, indent=2) + "\n")
+    atomic_write_text(out / "results.md", table + "\n")
+    _print_summary(config, table, results, seconds, Path(train_config.output_dir))
+    return results
 
-    def run_eval(m, stage: str) -> tuple[dict, list[dict], float]:
-        t0 = time.perf_counter()
-        metrics, predictions = {}, []
-        for task, records in test_sets.items():
-            metrics[task], preds = evaluate(
-                m, tokenizer, task, records, config.protocol, config.eval_batch_size,
-                progress=config.progress, prompt=config.prompt, **config.generation(),
-            )  # fmt: skip
-            predictions.extend(preds)
-            _say(
-                f"{stage}: {task} accuracy {metrics[task]['accuracy']:.3f}, no-match {metrics[task]['no_match']}/{metrics[task]['n']}"
-            )
-        results = {"stage": stage, "model": config.model, "protocol": config.protocol, "prompt": config.prompt,
-                   "tasks": metrics}  # fmt: skip
-        write_results(out / f"{stage}.json", results, predictions)
-        return metrics, predictions, time.perf_counter() - t0
 
+@dataclass
+class _Stage:
+    """One evaluation of every task: accuracy per task, the predictions, the seconds it took."""
+
+    metrics: dict
+    predictions: list[dict]
+    seconds: float
+
+
+def _evaluate_train_evaluate(config: QuickstartConfig, train_config, test_sets: dict, model, tokenizer):
+    """Evaluate the base model, fine-tune it, evaluate the fine-tuned one, on ``config.threads``
+    threads; return (before, train result, train seconds, after)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     # the frozen blocks below the adapters: computed once per sequence, shared by both evaluations
@@ -226,7 +224,7 @@ def quickstart(config: QuickstartConfig, model=None, tokenizer=None) -> dict:
     blocks = model.config.num_hidden_layers
     with frozen_prefix(model, min(train_config.adapter.adapted_blocks(blocks))), _restore_threads(threads):
         _say(f"evaluating the base model on {config.eval_limit} test records of {', '.join(config.tasks)}")
-        before, before_preds, before_s = run_eval(model, "before")
+        before = _evaluate_stage(config, model, tokenizer, test_sets, "before")
 
         adapter_dir = Path(train_config.output_dir)
         if adapter_dir.exists():
@@ -237,18 +235,40 @@ def quickstart(config: QuickstartConfig, model=None, tokenizer=None) -> dict:
         train_s = time.perf_counter() - t0
 
         _say("evaluating the fine-tuned model")
-        after, after_preds, after_s = run_eval(result.model, "after")
+        after = _evaluate_stage(config, result.model, tokenizer, test_sets, "after")
+    return before, result, train_s, after
 
-    gains = {task: gain(before_preds, after_preds, task) for task in config.tasks}
-    table = comparison_table(before, after, gains)
-    wall = time.perf_counter() - start
-    results = {
+
+def _evaluate_stage(config: QuickstartConfig, model, tokenizer, test_sets: dict, stage: str) -> _Stage:
+    """Evaluate every task; write ``output_dir/<stage>.json`` and its predictions."""
+    t0 = time.perf_counter()
+    metrics, predictions = {}, []
+    for task, records in test_sets.items():
+        metrics[task], preds = evaluate(
+            model, tokenizer, task, records, config.protocol, config.eval_batch_size,
+            progress=config.progress, prompt=config.prompt, **config.generation(),
+        )  # fmt: skip
+        predictions.extend(preds)
+        _say(
+            f"{stage}: {task} accuracy {metrics[task]['accuracy']:.3f}, no-match {metrics[task]['no_match']}/{metrics[task]['n']}"
+        )
+    results = {"stage": stage, "model": config.model, "protocol": config.protocol, "prompt": config.prompt,
+               "tasks": metrics}  # fmt: skip
+    write_results(Path(config.output_dir) / f"{stage}.json", results, predictions)
+    return _Stage(metrics, predictions, time.perf_counter() - t0)
+
+
+def _results(
+    config: QuickstartConfig, before: _Stage, after: _Stage, gains: dict, result, seconds: dict
+) -> dict:
+    """``results.json``: the config, accuracy before and after, the gains, the run and its seconds."""
+    return {
         "model": config.model,
         "protocol": config.protocol,
         "prompt": config.prompt,
         "config": options.to_dict(config),
-        "before": before,
-        "after": after,
+        "before": before.metrics,
+        "after": after.metrics,
         "gain": gains,
         "threads": config.threads,
         "train": {
@@ -258,26 +278,26 @@ def quickstart(config: QuickstartConfig, model=None, tokenizer=None) -> dict:
             "first_loss": result.history[0]["loss"] if result.history else None,
             "final_loss": result.final_loss,
         },
-        "seconds": {
-            "load": round(load_s, 1),
-            "eval_before": round(before_s, 1),
-            "train": round(train_s, 1),
-            "eval_after": round(after_s, 1),
-            "total": round(wall, 1),
-        },
+        "seconds": {key: round(value, 1) for key, value in seconds.items()},
     }
-    atomic_write_text(out / "results.json", json_text(results, indent=2) + "\n")
-    atomic_write_text(out / "results.md", table + "\n")
+
+
+def _print_summary(
+    config: QuickstartConfig, table: str, results: dict, seconds: dict, adapter_dir: Path
+) -> None:
+    """The table, what its columns mean, the loss and times, and where everything went."""
+    out = Path(config.output_dir)
     print(table)
     print(
         "\ngain: accuracy after - before on the same records, with a 95% paired bootstrap interval "
         f"({RESAMPLES:,} resamples); majority: the most frequent gold answer's share; top answer: the share "
         "of the most frequent prediction (1.00 = the same answer to every record)"
     )
-    first = results["train"]["first_loss"]
+    run, s = results["train"], seconds
     print(
-        f"\ntraining loss {first:.3f} -> {result.final_loss:.3f} over {result.steps} steps; "
-        f"wall time {wall / 60:.1f} min (load {load_s:.0f} s, eval {before_s:.0f} + {after_s:.0f} s, train {train_s:.0f} s)"
+        f"\ntraining loss {run['first_loss']:.3f} -> {run['final_loss']:.3f} over {run['steps']} steps; "
+        f"wall time {s['total'] / 60:.1f} min (load {s['load']:.0f} s, eval {s['eval_before']:.0f} + "
+        f"{s['eval_after']:.0f} s, train {s['train']:.0f} s)"
     )
     print(f"adapter: {adapter_dir}")
     print(
@@ -287,7 +307,6 @@ def quickstart(config: QuickstartConfig, model=None, tokenizer=None) -> dict:
         f"evaluate it again: omoe eval --adapter {adapter_dir} --tasks {','.join(config.tasks)} "
         f"--protocol {config.protocol} --prompt {config.prompt} --limit {config.eval_limit} --output {out / 'eval.json'}"
     )
-    return results
 
 
 def gain(before: list[dict], after: list[dict], task: str) -> dict:
@@ -339,8 +358,6 @@ def _restore_threads(n: int):
     try:
         yield
     finally:
-        import torch
-
         torch.set_num_threads(n)
 
 
