@@ -139,6 +139,18 @@ def test_answers_table_gives_the_top_prediction_share_from_counts_or_the_predict
     assert available_tables(load_results(write(tmp_path, [silent], name="bare"))) == ["2", "runs"]
 
 
+def test_answers_table_names_the_first_seeds_top_answer_when_the_seeds_tie(tmp_path):
+    """Eight seeds, each with another top answer: the first seed's is named (a set's order, which
+    varies with the string hash seed between processes, picked one before)."""
+    cells = []
+    for seed, top in enumerate(["x7", "x2", "x5", "x0", "x3", "x6", "x1", "x4"]):
+        c = cell("lora", "multi", {"boolq": 0.5}, seed=seed)
+        c["metrics"]["boolq"]["generate"].update(prediction_counts={top: 40}, answer_counts={"true": 40})
+        cells.append(c)
+    (table,) = build_tables(load_results(write(tmp_path, cells)), ["answers"])
+    assert row(table.markdown, "lora") == ["lora", "multi", "100.0 `x7`"]
+
+
 def test_runs_table_lists_each_cells_wall_times_over_resumptions_and_the_totals(tmp_path):
     first = cell("lora", "multi", {"boolq": 0.5}, seed=0)
     second = cell("omoe", "multi", {"boolq": 0.5}, seed=0, method_index=1)

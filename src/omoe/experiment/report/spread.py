@@ -36,7 +36,8 @@ def answer_counts(cell: CellResult) -> dict[tuple[str, str], tuple[dict, dict]]:
 
 def answers(results: Results) -> Table:
     """Share (%) of test records given the most frequent prediction, per row and task (mean over
-    seeds), with the most frequent answer named; a last row gives the gold answers' majority share."""
+    seeds), with the answer most often top over the seeds named (a tie: the first cell's, in file
+    order); a last row gives the gold answers' majority share."""
     counted = [(c, counts) for c in results.cells if (counts := answer_counts(c))]  # read each file once
     cells = [c for c, _ in counted]
     row_of = method_row(cells)
@@ -86,7 +87,8 @@ def _spread_section(protocol: str, rows: dict, gold: dict, used: list[str]) -> t
                 cols.append("–")
                 continue
             share = statistics.fmean(v for _, v in by_task[t])
-            top = max(set(a for a, _ in by_task[t]), key=[a for a, _ in by_task[t]].count)
+            tops = [a for a, _ in by_task[t]]  # one per seed, in file order
+            top = max(dict.fromkeys(tops), key=tops.count)  # a tie: the first seed's (a set's order varied)
             cols.append(f"{100 * share:.1f} `{top}`")
             csv_row.update({f"{t}_top_share": round(100 * share, 4), f"{t}_top": top,
                             f"{t}_seeds": len(by_task[t])})  # fmt: skip
