@@ -78,15 +78,66 @@ def test_fused_hidden_delta_matches_reference_and_is_exactly_zero_for_zero_delta
         assert not fused_hidden_delta(F.silu, g0, u0, torch.zeros_like(dg), None).any()
 
 
-def test_fused_hidden_delta_gradients_match_reference():
+PATTERNS = ["gate+up", "gate", "up"]  # which deltas exist
+
+
+def _pattern(pattern, dg, du):
+    return (None if pattern == "up" else dg), (None if pattern == "gate" else du)
+
+
+def _grads(fn, leaves, with_h0):
+    """Gradients of a loss reading both outputs (dh and h0 + dh), for the leaves that are tensors."""
+    g0, u0, dg, du = leaves
+    h0 = (F.silu(g0) * u0) if with_h0 else None
+    out = fn(F.silu, g0, u0, dg, du, None, h0)
+    dh, h = out if with_h0 else (out, None)
+    loss = dh.pow(2).sum() + (0 if h is None else (h * torch.linspace(-1, 1, h.shape[-1])).sum())
+    tensors = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(loss, tensors, allow_unused=True)  # u0 is unused with no gate delta
+    return [torch.zeros_like(t) if g is None else g for t, g in zip(tensors, grads, strict=True)]
+
+
+@pytest.mark.parametrize("with_h0", [False, True])
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_fused_hidden_delta_gradients_match_reference(pattern, with_h0):
+    """For SiLU the fused form's backward is written out (silu_delta_grads): it must give autograd's
+    gradients of the reference, for every pattern of adapted projections, with and without h."""
     g0, u0, dg, du = _hidden_inputs(torch.float32)
+    dg, du = _pattern(pattern, dg, du)
     grads = []
     for fn in (fused_hidden_delta, hidden_delta):
-        leaves = [t.clone().requires_grad_(True) for t in (g0, u0, dg, du)]
-        fn(F.silu, *leaves).pow(2).sum().backward()
-        grads.append([t.grad for t in leaves])
+        leaves = [None if t is None else t.clone().requires_grad_(True) for t in (g0, u0, dg, du)]
+        grads.append(_grads(fn, leaves, with_h0))
+    out = fused_hidden_delta(F.silu, *leaves)
+    assert type(out.grad_fn).__name__ == "_SiluHiddenDeltaBackward"  # the written-out backward ran
     for fused, ref in zip(*grads, strict=True):
-        torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_the_written_out_silu_backward_passes_gradcheck(pattern):
+    g0, u0, dg, du = (t.double() for t in _hidden_inputs(torch.float32, scale=0.3, n=5, inter=7))
+    dg, du = _pattern(pattern, dg, du)
+    h0 = (F.silu(g0) * u0).detach()
+    present = [name for name, t in zip(("dg", "du"), (dg, du), strict=True) if t is not None]
+
+    def outputs(g0, u0, h0, *deltas):
+        given = dict(zip(present, deltas, strict=True))
+        return fused_hidden_delta(F.silu, g0, u0, given.get("dg"), given.get("du"), None, h0)
+
+    inputs = [t.requires_grad_(True) for t in (g0, u0, h0, dg, du) if t is not None]
+    assert torch.autograd.gradcheck(outputs, inputs)
+
+
+def test_zero_deltas_send_exactly_zero_gradient_to_the_frozen_gate_and_up():
+    """At initialisation (B = 0) the expert path adds nothing to the frozen model's gradients."""
+    g0, u0, dg, du = _hidden_inputs(torch.bfloat16)
+    leaves = [t.clone().requires_grad_(True) for t in (g0, u0, torch.zeros_like(dg), torch.zeros_like(du))]
+    dh = fused_hidden_delta(F.silu, *leaves)
+    weights = torch.linspace(-1, 1, dh.numel()).view(dh.shape)  # a loss whose gradient is not 0 at dh = 0
+    grad_g0, grad_u0, grad_dg, grad_du = torch.autograd.grad((dh * weights).sum(), leaves)
+    assert not grad_g0.any() and not grad_u0.any()
+    assert grad_dg.dtype == grad_du.dtype == torch.bfloat16 and grad_dg.any() and grad_du.any()
 
 
 def test_fused_falls_back_to_the_reference_once_compiling_fails(monkeypatch):

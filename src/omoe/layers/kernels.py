@@ -40,13 +40,31 @@ _MASK_LEVELS = 1 << 16
 
 @contextmanager
 def reference_kernels() -> Iterator[None]:
-    """Use the reference forms (``aten::bernoulli_`` dropout, eager hidden change) inside."""
+    """Use the reference forms (``aten::bernoulli_`` dropout, eager hidden change and its autograd
+    backward, recomputation in backward on CPU too) inside."""
     before = _state["fused"]
     _state["fused"] = False
     try:
         yield
     finally:
         _state["fused"] = before
+
+
+def fused_enabled() -> bool:
+    """Whether the compiled kernels are in use: not switched off (``OMOE_FUSED=0``,
+    :func:`reference_kernels`) and ``torch.compile`` has not failed."""
+    return _state["fused"] and not _state["broken"]
+
+
+def recompute_in_backward(x: torch.Tensor) -> bool:
+    """Whether training recomputes cheap ``(S, N, d)`` activations of the expert layers in backward
+    instead of saving them (the gate/up hidden change, Gram-Schmidt's intermediates).
+
+    On accelerators, yes: memory is the scarce resource there. On CPU, no: compute is, and memory is
+    not (``omoe bench`` reports both); under :func:`reference_kernels` the CPU recomputes too, as
+    every device did before the CPU kernels.
+    """
+    return torch.is_grad_enabled() and (x.device.type != "cpu" or not _state["fused"])
 
 
 def dropout_mask(shape: torch.Size, p: float, device: torch.device) -> tuple[torch.Tensor, float]:

@@ -7,6 +7,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from omoe.layers.gram_schmidt import gram_schmidt
+from omoe.layers.kernels import recompute_in_backward
 
 
 class ExpertMixer(nn.Module):
@@ -51,8 +52,8 @@ class OrthogonalMixer(ExpertMixer):
         return gram_schmidt(reps, orthogonalize=self.orthogonalize, normalize=self.normalize, eps=self.eps)
 
     def combine(self, reps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled():
-            # Gram-Schmidt keeps several float32 (S, N, d) intermediates for backward; keep only
+        if recompute_in_backward(reps):
+            # Gram-Schmidt keeps several float32 (S, N, d) intermediates for backward; on accelerators keep only
             # its input and recompute the (cheap, elementwise) rest in the backward pass.
             return checkpoint(super().combine, reps, weights, use_reentrant=False)
         return super().combine(reps, weights)

@@ -17,7 +17,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from omoe.layers.experts import LoRAExperts, _frozen_matmul, autocast_float16, without_bias
-from omoe.layers.kernels import frozen_linear, fused, plain_activation
+from omoe.layers.hidden import Hidden, fused_hidden_delta, hidden_delta
+from omoe.layers.kernels import frozen_linear, plain_activation, recompute_in_backward
 from omoe.layers.mixing import ExpertMixer
 from omoe.layers.quantized import frozen_weight
 from omoe.layers.router import Router, RouterStats, Routing
@@ -132,61 +133,6 @@ class MoELinear(MoELayer):
         return y + self.mix(reps, routing, all_reps).view(y.shape).to(y.dtype)
 
 
-def hidden_delta(act, g0, u0, dg, du, dtype: torch.dtype | None = None, h0: torch.Tensor | None = None):
-    """Each slot's change of the gated hidden, ``act(g0 + dg) * (u0 + du) - act(g0) * u0``.
-
-    Formed from the adapters' deltas, never as the difference of the two hidden products:
-    ``(act(g0 + dg) - act(g0)) * u0 + act(g0 + dg) * du``. The one remaining difference,
-    ``act(g0 + dg) - act(g0)``, is taken in float32 (at least) from the upcast ``g0``: its error is
-    float32's relative to ``act(g0)``, not the model dtype's, and it is exactly 0 where ``dg`` is.
-    The products are of small quantities with frozen values, so ``dtype`` keeps them to its own
-    relative precision.
-
-    Args:
-        act: the MLP's activation.
-        g0, u0: ``(N, I)`` frozen gate and up outputs.
-        dg, du: ``(S, N, I)`` the gate and up experts' deltas, or None (projection not adapted).
-        dtype: dtype of the result and of the products (default: that of ``g0``).
-        h0: ``(N, I)`` the frozen hidden, to also return each slot's hidden ``h0 + dh`` (in one pass
-            when fused).
-
-    Returns:
-        ``dh``, ``(S, N, I)``; with ``h0``, the pair ``(dh, h0 + dh)``.
-    """
-    dtype = dtype or g0.dtype
-    if dg is None:
-        dh = act(g0).to(dtype) * du.to(dtype)
-    else:
-        wide = torch.promote_types(g0.dtype, torch.float32)
-        # act(g0) per slot, on a contiguous copy, not once: both activations then run the same kernel
-        # on the same layout, so act(g0 + 0) equals act(g0) bit for bit, and in backward the two
-        # gradients reaching g0 cancel exactly where dg = 0 (a sum over slots first would round apart).
-        g0w = g0.to(wide).expand(dg.shape[0], *g0.shape).contiguous()  # (S, N, I)
-        a1 = act(g0w + dg)  # (S, N, I)
-        da = (a1 - act(g0w)).to(dtype)
-        dh = da * u0.to(dtype) if du is None else torch.addcmul(da * u0.to(dtype), a1.to(dtype), du.to(dtype))
-    return dh if h0 is None else (dh, (h0 + dh).to(h0.dtype))
-
-
-fused_hidden_delta = fused(hidden_delta)  # one loop instead of a dozen passes (layers/kernels.py)
-
-
-class Hidden(NamedTuple):
-    """An FFN block's hidden states: the frozen ``h0``, ``(N, I)``; each slot's change ``dh``,
-    ``(S, N, I)``, or None (gate and up not adapted); each slot's ``h = h0 + dh`` when the down
-    experts read it (from the same fused pass), else None."""
-
-    h0: torch.Tensor
-    dh: torch.Tensor | None
-    h: torch.Tensor | None = None
-
-    def slots(self) -> torch.Tensor:
-        """``h0 + dh``, ``(S, N, I)``, or ``h0`` shared by the slots, ``(N, I)``."""
-        if self.h is not None:
-            return self.h
-        return self.h0 if self.dh is None else self.h0 + self.dh
-
-
 class MoEFeedForward(MoELayer):
     """``ffn`` topology (the paper's; MixLoRA layout): one router per block, ``k`` experts that are
     each a LoRA on gate, up and down sharing the frozen weights.
@@ -243,7 +189,7 @@ class MoEFeedForward(MoELayer):
         recomputation is 4% of a SmolLM2 step) and memory is not (455 MiB more saved activations
         on 8 x 128 tokens; ``omoe bench`` reports both).
         """
-        return torch.is_grad_enabled() and x.device.type != "cpu"
+        return recompute_in_backward(x)
 
     def _low_rank_codes(self, x: torch.Tensor, indices):
         """``A dropout(x)`` of the gate and up experts, ``(S, N, r)`` each (None where not adapted)."""

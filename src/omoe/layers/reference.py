@@ -12,8 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from omoe.layers.hidden import Hidden
 from omoe.layers.kernels import frozen_linear
-from omoe.layers.moe import Hidden, MoEFeedForward
+from omoe.layers.moe import MoEFeedForward
 
 
 class BeforeMoEFeedForward(MoEFeedForward):
