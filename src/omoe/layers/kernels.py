@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
+import torch._functorch.config
 import torch.nn.functional as F
 from torch import nn
 
@@ -114,6 +115,10 @@ def fused(function: Callable) -> Callable:
             return function(*args, **kwargs)
         try:
             if not compiled:
+                # Process-wide (torch reads it again at the first backward): a compiled backward
+                # must allow retain_graph (gradcheck, two losses over one graph), which donated
+                # buffers, a memory saving of compiled backwards, forbid.
+                torch._functorch.config.donated_buffer = False
                 compiled.append(torch.compile(function, dynamic=True))
             # One compilation per dtype/None pattern of the inputs; past torch's default limit of 8
             # a call would silently run eagerly and round differently from the compiled ones.

@@ -7,7 +7,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from omoe.layers.gram_schmidt import gram_schmidt
-from omoe.layers.kernels import recompute_in_backward
+from omoe.layers.kernels import fused, fused_enabled, recompute_in_backward
 
 
 class ExpertMixer(nn.Module):
@@ -53,10 +53,24 @@ class OrthogonalMixer(ExpertMixer):
 
     def combine(self, reps: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if recompute_in_backward(reps):
-            # Gram-Schmidt keeps several float32 (S, N, d) intermediates for backward; on accelerators keep only
-            # its input and recompute the (cheap, elementwise) rest in the backward pass.
+            # Gram-Schmidt keeps several float32 (S, N, d) intermediates for backward; on accelerators
+            # keep only its input and recompute the (cheap, elementwise) rest in the backward pass.
             return checkpoint(super().combine, reps, weights, use_reentrant=False)
+        if fused_enabled():  # Gram-Schmidt and the mixture in compiled loops (layers/kernels.py)
+            return _fused_orthogonal_mix(reps, weights, self.orthogonalize, self.normalize, self.eps)
         return super().combine(reps, weights)
 
     def extra_repr(self) -> str:
         return f"orthogonalize={self.orthogonalize}, normalize={self.normalize}, eps={self.eps:g}"
+
+
+def orthogonal_mix(reps, weights, orthogonalize: bool, normalize: bool, eps: float) -> torch.Tensor:
+    """``sum_s w_s E'_s`` (Eq. (7)) with ``E'`` the Gram-Schmidt of ``reps`` (Eq. (5)-(6)), written
+    as a weighted sum over the slot axis (not a batched matmul of ``N`` tiny ``(1, S) @ (S, d)``
+    products) so that ``torch.compile`` fuses it with Gram-Schmidt. reps ``(S, N, d)``, weights
+    ``(S, N)``; returns float32 ``(N, d)``."""
+    q = gram_schmidt(reps, orthogonalize=orthogonalize, normalize=normalize, eps=eps)  # (S, N, d)
+    return (weights.to(q.dtype).unsqueeze(-1) * q).sum(0)
+
+
+_fused_orthogonal_mix = fused(orthogonal_mix)
