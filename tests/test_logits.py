@@ -17,7 +17,7 @@ from omoe.errors import OMoEError
 from omoe.eval import evaluate
 from omoe.eval.batching import pad
 from omoe.eval.label import label_tokens
-from omoe.models.logits import logits_only_at, selected_logits
+from omoe.models.logits import last_block_mlp, logits_only_at, selected_logits
 from omoe.models.testing import tiny_llama
 from omoe.train.trainer import token_loss_sum
 
@@ -88,6 +88,39 @@ def test_selected_logits_are_the_rows_of_the_full_logits_in_row_major_order():
         got = selected_logits(model, ids, mask, keep)  # (M, V)
     assert got.shape == (4, 128)
     assert_close(got, full[keep], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("adapter", ["base", "omoe"])
+def test_without_gradients_the_last_blocks_mlp_runs_on_the_read_positions_only(adapter):
+    """In evaluation the last block's MLP (its output reaches only the head) sees the kept rows
+    alone, and the logits are still the full forward's; with gradients it sees every row (an MoE
+    router's statistics and load-balancing loss must cover all tokens); afterwards it is restored."""
+    torch.manual_seed(0)
+    model = tiny_llama(0, vocab_size=128)
+    if adapter == "omoe":
+        model = get_omoe_model(model, OMoEConfig(dropout=0.0))
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.normal_(0, 0.05)
+    mlp = last_block_mlp(model)
+    assert mlp is not None
+    rows = []
+    probe = mlp.omoe_router if adapter == "omoe" else mlp.gate_proj  # called as a module inside the MLP
+    handle = probe.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[:-1].numel()))
+    ids = torch.randint(3, 128, (3, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    keep = torch.zeros(3, 7, dtype=torch.bool)
+    keep[0, [1, 6]] = keep[1, 4] = keep[2, 0] = True
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
+        got = selected_logits(model, ids, mask, keep)  # (M, V)
+    assert rows == [21, 4]
+    assert_close(got, full[keep], rtol=1e-5, atol=1e-5)
+    selected_logits(model, ids, mask, keep).sum().backward()
+    assert rows[-1] == 21 and "forward" not in vars(mlp)
+    handle.remove()
 
 
 def test_a_head_that_does_not_see_batch_by_position_hidden_states_is_an_error():

@@ -27,10 +27,32 @@ from omoe.layers.kernels import frozen_linear
 from omoe.models.prefix import active_cache
 
 
+def last_block_mlp(model) -> torch.nn.Module | None:
+    """The MLP of ``model``'s last decoder block (Hugging Face's ``get_decoder().layers[-1].mlp``
+    layout: LLaMA, Mistral, Qwen, Gemma...), or None where the model is laid out otherwise."""
+    get_decoder = getattr(model, "get_decoder", None)
+    layers = getattr(get_decoder(), "layers", None) if callable(get_decoder) else None
+    mlp = (
+        getattr(layers[-1], "mlp", None) if isinstance(layers, torch.nn.ModuleList) and len(layers) else None
+    )
+    return mlp if isinstance(mlp, torch.nn.Module) else None
+
+
+def _rows_only(forward, keep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """An MLP's ``forward`` on the rows of ``x`` (``(B, T, H)``) where ``keep`` is True; zeros on the
+    others, which only the LM head (seeing ``keep``'s rows alone) reads after the last block."""
+    if x.shape[:2] != keep.shape:
+        return forward(x)
+    out = forward(x[keep])  # (M, H): the MLP is token-wise
+    return out.new_zeros(*keep.shape, out.shape[-1]).index_put((keep,), out)  # (B, T, H)
+
+
 @contextlib.contextmanager
 def logits_only_at(model, keep: torch.Tensor):
     """Within the block, ``model``'s LM head sees only the positions where ``keep`` (``(B, T)`` bool)
-    is True: the forward's ``logits`` are ``(M, vocab)``, in row-major order of ``keep``."""
+    is True: the forward's ``logits`` are ``(M, vocab)``, in row-major order of ``keep``. Without
+    gradients (evaluation), the last decoder block's MLP, whose output only the head reads, runs on
+    those positions only too."""
     head = model.get_output_embeddings()
     if not isinstance(head, torch.nn.Module):
         raise OMoEError(f"{type(model).__name__} has no output embeddings (LM head) to compute logits with")
@@ -48,12 +70,20 @@ def logits_only_at(model, keep: torch.Tensor):
     cast_once = type(head) is torch.nn.Linear and "forward" not in vars(head)
     if cast_once:  # a frozen head's bf16 weight made once, not at every call (layers/kernels.py)
         head.forward = partial(frozen_linear, head, plain=partial(torch.nn.Linear.forward, head))
+    # Only without gradients: in training an MoE block's router statistics (its load-balancing loss)
+    # would then cover the read positions alone.
+    mlp = None if torch.is_grad_enabled() else last_block_mlp(model)
+    mlp = mlp if mlp is not None and "forward" not in vars(mlp) else None
+    if mlp is not None:
+        mlp.forward = partial(_rows_only, mlp.forward, keep)
     try:
         yield
     finally:
         handle.remove()
         if cast_once:
             del head.forward
+        if mlp is not None:
+            del mlp.forward
 
 
 def selected_logits(
