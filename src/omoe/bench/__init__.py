@@ -2,7 +2,7 @@
 
 ``python -m omoe.bench`` or ``omoe bench``. Every variant runs on the same base weights (adapters
 are injected, measured, then unloaded), with the same batch and optimizer (AdamW) and the trainer's
-own loss (:func:`omoe.train.trainer.token_loss_sum`: logits only at the supervised positions, the
+own loss (:func:`omoe.train.loop.token_loss_sum`: logits only at the supervised positions, the
 last ``--response`` tokens of each row), under ``--precision`` (default ``auto``), so the printed
 ratios compare like with like. One more row, ``omoe-full-logits``, is the default OMoE's step as
 the trainer ran it before (all ``(B, T, vocab)`` logits, fp32 on CPU, bf16 autocast on CUDA): the

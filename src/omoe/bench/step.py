@@ -15,7 +15,7 @@ from omoe.layers.reference import use_before_representation
 from omoe.models.logits import logits_only_at
 from omoe.models.memory import saved_tensor_bytes
 from omoe.models.precision import autocast, precision_name
-from omoe.train.trainer import token_loss_sum
+from omoe.train.loop import token_loss_sum
 
 
 def response_labels(ids: torch.Tensor, response: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ class Variant:
     name: str
     adapter: str  # base | lora | peft-lora | omoe
     # All (B, T, vocab) logits, the old precision and the reference kernels (aten::bernoulli_
-    # dropout, unfused hidden; layers/kernels.py): the step as it was when issue 10 was filed.
+    # dropout, unfused hidden and Gram-Schmidt, both recomputed in backward; layers/kernels.py).
     full_logits: bool = False
     before_representation: bool = False  # E_s = down(h_s) - down(h0), as before issue 9
 
@@ -33,7 +33,8 @@ VARIANTS = {
         Variant("lora", "lora"),
         Variant("peft-lora", "peft-lora"),
         Variant("omoe", "omoe"),
-        Variant("omoe-full-logits", "omoe", full_logits=True),
+        # The step as it was when issue 10 was filed (issue 9's representation came later).
+        Variant("omoe-full-logits", "omoe", full_logits=True, before_representation=True),
         Variant("omoe-repr-before", "omoe", before_representation=True),
     )
 }

@@ -9,6 +9,9 @@ of the exact form can be measured against it in one run, with the same kernels a
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -33,6 +36,18 @@ class BeforeMoEFeedForward(MoEFeedForward):
         h = hidden.slots()  # (S, N, I)
         dh = frozen_linear(down, h)  # (S, N, H) down(h_s), no bias
         return dh - d0 + self.omoe_experts["down"](h, idx, lambda: dh, down)
+
+
+@contextmanager
+def before_representation(model: nn.Module) -> Iterator[int]:
+    """:func:`use_before_representation` inside the block, the representation of now after it."""
+    layers = [m for m in model.modules() if type(m) is MoEFeedForward]
+    use_before_representation(model)
+    try:
+        yield len(layers)
+    finally:
+        for layer in layers:
+            layer.__class__ = MoEFeedForward
 
 
 def use_before_representation(model: nn.Module) -> int:
