@@ -23,12 +23,6 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # transformers, which takes seconds to import (`import omoe` and `omoe --help` do not load it).
 LOCAL_OK = ("transformers", "peft", "trl", "bitsandbytes", "matplotlib", "sklearn", "torch.distributed",
             "torch.utils.tensorboard")  # fmt: skip
-# Files still to bring to module-level imports (under another change when this test was written).
-NOT_YET = {
-    "omoe.experiment.runner",
-    "omoe.experiment.report",
-    "omoe.experiment.spec",
-}
 
 
 def _load_script():
@@ -69,9 +63,6 @@ def test_an_import_from_a_higher_floor_is_reported():
 def test_functions_import_only_optional_or_slow_third_party_libraries():
     hidden = []
     for path in sorted((SRC / "omoe").rglob("*.py")):
-        name = arch.module_name(path, SRC)
-        if name in NOT_YET:
-            continue
         tree = ast.parse(path.read_text(encoding="utf-8"))
         for f in ast.walk(tree):
             if not isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -85,7 +76,9 @@ def test_functions_import_only_optional_or_slow_third_party_libraries():
                     continue
                 for mod in mods:
                     if not any(mod == ok or mod.startswith(ok + ".") for ok in LOCAL_OK):
-                        hidden.append(f"{path.relative_to(SRC)}:{node.lineno} imports {mod} inside {f.name}()")
+                        hidden.append(
+                            f"{path.relative_to(SRC)}:{node.lineno} imports {mod} inside {f.name}()"
+                        )
     assert not hidden, "imports to move to module level:\n" + "\n".join(hidden)
 
 
@@ -134,10 +127,6 @@ def too_long(root: Path) -> list[str]:
     return found
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="issue 14: the trainer, quickstart and experiment/{runner,report,spec} are still being split",
-)
 def test_no_source_file_is_over_400_lines_and_no_function_over_80():
     offenders = too_long(SRC / "omoe")
     assert not offenders, (

@@ -413,8 +413,8 @@ def test_moe_peft_cells_carry_the_format_in_their_id_training_and_evaluation(tmp
 def test_committed_results_keep_their_fingerprint_under_the_legacy_data_settings():
     """Keys added later (data.split, data.prompt, data.group_by_length) are left out of the
     fingerprint at the value that reproduces what the code did before them."""
+    from omoe import options
     from omoe.experiment.spec import EvalOptions, fingerprint
-    from omoe.train import options
     from omoe.train.config import TrainConfig
 
     path = ROOT / "results" / "smollm2-table2_multi_task" / "lora_r16__multi__seed0.json"

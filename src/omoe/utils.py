@@ -74,3 +74,15 @@ def quiet_transformers() -> None:
     from transformers.utils import logging
 
     logging.disable_progress_bar()
+
+
+def flatten(data: dict, prefix: str = "") -> dict:
+    """Nested mappings to ``{dotted key: value}`` (values that are lists stay whole)."""
+    flat = {}
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{dotted}."))
+        else:
+            flat[dotted] = value
+    return flat

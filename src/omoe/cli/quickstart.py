@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from omoe import options
 from omoe.config import OMoEConfig
 from omoe.data.loader import load_task
 from omoe.data.tasks import get_task
@@ -37,7 +38,6 @@ from omoe.eval.report import write_results
 from omoe.experiment.stats import RESAMPLES, SEED, bootstrap_means, percentile_interval
 from omoe.models import load_model
 from omoe.models.prefix import frozen_prefix
-from omoe.train import options
 from omoe.train.config import TrainConfig
 from omoe.train.trainer import train
 from omoe.utils import atomic_write_text, json_text
@@ -82,12 +82,16 @@ class QuickstartConfig:
     eval_limit: int = field(default=500, metadata={"help": "evaluate the first N test records of each task"})
     train_per_task: int = field(
         default=100_000,
-        metadata={"help": "training records per task: a seeded random subset of its train split (all if fewer)"},
+        metadata={
+            "help": "training records per task: a seeded random subset of its train split (all if fewer)"
+        },
     )
     max_steps: int = field(default=QUICKSTART_STEPS, metadata={"help": "optimizer steps of the fine-tune"})
     layers: str = field(
         default=QUICKSTART_LAYERS,
-        metadata={"help": "blocks that get adapters (adapter.layers); the frozen ones below are computed once"},
+        metadata={
+            "help": "blocks that get adapters (adapter.layers); the frozen ones below are computed once"
+        },
     )
     global_batch_size: int = field(default=8, metadata={"help": "examples per optimizer step"})
     micro_batch_size: int = field(default=4, metadata={"help": "examples per forward/backward"})
@@ -103,7 +107,8 @@ class QuickstartConfig:
     )
     seed: int = field(default=0, metadata={"help": "seeds the training subset, its order and the adapter"})
     threads: int = field(
-        default=2, metadata={"help": "CPU threads (fixed, so that the numbers do not depend on the core count)"}
+        default=2,
+        metadata={"help": "CPU threads (fixed, so that the numbers do not depend on the core count)"},
     )
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 

@@ -21,6 +21,7 @@ The base model is loaded once and reused: after each cell the adapter layers are
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -38,12 +39,19 @@ import torch
 from omoe.data.loader import load_task
 from omoe.data.prompts import render_many
 from omoe.errors import ConfigError
+from omoe.eval.evaluate import evaluate
+from omoe.eval.run import load_adapter, versions
 from omoe.experiment.results import RESULT_KIND as RESULT_KIND  # re-exported
 from omoe.experiment.results import CellResult, EvalSummary, Score, TrainSummary, WallSeconds
 from omoe.experiment.spec import Cell, ExperimentSpec, fingerprint
 from omoe.experiment.stats import records_path, records_payload, write_records
+from omoe.models import load_model
 from omoe.train import checkpoint as ckpt
+from omoe.train import trainer
 from omoe.train.config import TrainConfig, load_config
+from omoe.train.metrics import JSONL, read_metrics
+from omoe.train.trainer import CONFIG_FILE, RESULTS_FILE
+from omoe.tuners.model import WEIGHTS_NAME
 from omoe.utils import atomic_write_text, json_text
 
 PREDICTIONS = "eval_predictions.jsonl"
@@ -71,8 +79,6 @@ def cell_state(spec: ExperimentSpec, cell: Cell, *, locks: bool = True) -> CellS
             return CellState("done", _metrics_line(saved))
         return CellState("stale", "result computed under another config")
     work = cell.work_dir
-    from omoe.train.trainer import CONFIG_FILE, RESULTS_FILE
-    from omoe.tuners.model import WEIGHTS_NAME
 
     if (work / RESULTS_FILE).is_file() and (work / WEIGHTS_NAME).is_file():
         if _same_training(lambda: load_config(work / CONFIG_FILE), cell):
@@ -169,8 +175,6 @@ class BaseModels:
         reusable = not (config.gradient_checkpointing or config.fsdp)
         if self.given or (self.model is not None and self.name == config.model and reusable):
             return self.model, self.tokenizer, 0.0
-        from omoe.models import load_model
-
         t0 = time.perf_counter()
         self.model = self.tokenizer = None
         self.model, self.tokenizer = load_model(config.model)
@@ -243,9 +247,6 @@ def run_cell(
     spec: ExperimentSpec, cell: Cell, state: CellState, bases: BaseModels, records, progress: bool
 ) -> CellResult:
     """Train (or resume, or reuse) and evaluate one cell; write its result JSON atomically."""
-    from omoe.eval.run import load_adapter
-    from omoe.train.trainer import train
-
     start = time.perf_counter()
     config = _with_progress(cell.config, progress)
     base, tokenizer, load_s = bases.get(config)
@@ -253,7 +254,9 @@ def run_cell(
     if state.state == "trained":
         model = load_adapter(base, cell.work_dir).to(_device(config.device))
     else:
-        model = train(config, model=base, tokenizer=tokenizer, resume=state.state == "checkpoint").model
+        model = trainer.train(
+            config, model=base, tokenizer=tokenizer, resume=state.state == "checkpoint"
+        ).model
     train_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -287,7 +290,6 @@ def run_cell(
 
 def _evaluate(spec, cell: Cell, model, tokenizer, records, prompt: str, progress: bool):
     """``(task -> protocol -> Score, every prediction)`` of the cell's test sets."""
-    from omoe.eval.evaluate import evaluate
 
     metrics: dict[str, dict[str, Score]] = {}
     predictions = []
@@ -304,8 +306,6 @@ def _evaluate(spec, cell: Cell, model, tokenizer, records, prompt: str, progress
 
 def _training_summary(work_dir: Path, trained_now: bool) -> tuple[int, TrainSummary]:
     """``(trainable parameters, TrainSummary)`` from the trainer's files in ``work_dir``."""
-    from omoe.train.metrics import JSONL, read_metrics
-    from omoe.train.trainer import RESULTS_FILE
 
     summary = json.loads((work_dir / RESULTS_FILE).read_text(encoding="utf-8"))
     rows = read_metrics(work_dir / JSONL)
@@ -331,7 +331,6 @@ def _write(spec: ExperimentSpec, cell: Cell, result: CellResult, records, predic
 
 def hardware(device: str = "auto") -> dict:
     """Where a cell ran: device name, CPU threads, library versions."""
-    from omoe.eval.run import versions
 
     dev = _device(device)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name()
@@ -366,7 +365,6 @@ def _eval_records(spec: ExperimentSpec, cells: list[Cell]) -> dict[str, list[dic
 def _with_progress(config: TrainConfig, progress: bool) -> TrainConfig:
     if progress or not config.logging.progress:
         return config
-    import copy
 
     config = copy.deepcopy(config)
     config.logging.progress = False

@@ -17,12 +17,14 @@ import itertools
 import json
 import re
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from pathlib import Path
 
+from omoe import options
 from omoe.errors import ConfigError
 from omoe.experiment.eval_options import EvalOptions
-from omoe.train import options
 from omoe.train.config import PAPER_TASKS, RESULT_FREE_KEYS, DataConfig, TrainConfig
+from omoe.utils import flatten
 
 SETTINGS = ("single", "multi")
 SPEC_KEYS = (
@@ -89,7 +91,6 @@ class ExperimentSpec:
         """Cells whose id matches any pattern: a glob (``*``, ``?``, ``[``) or else a substring."""
         if not patterns:
             return list(self.cells)
-        from fnmatch import fnmatchcase
 
         def hit(cell_id: str, pattern: str) -> bool:
             return fnmatchcase(cell_id, pattern) if any(c in pattern for c in "*?[") else pattern in cell_id
@@ -169,7 +170,7 @@ def _base(base, where: str, prompt: str | None) -> dict:
     """The ``base`` block, nested and checked: valid alone, and without the keys the grid sets."""
     if not isinstance(base, dict):
         raise ConfigError(f"{where}: base must be a mapping of training-config keys, got {base!r}")
-    base = _nested(_flatten(base), f"{where}: base")
+    base = _nested(flatten(base), f"{where}: base")
     if prompt is not None:
         options.set_dotted(base, TrainConfig, "data.prompt", prompt)
     for key in ("output_dir", "data.data_file", "data.task"):
@@ -213,7 +214,7 @@ def fingerprint(config: TrainConfig, eval_options: EvalOptions | None = None, ev
     ``eval_options``, of the training alone (to recognise a half-finished cell's work dir). Keys added
     later are left out at the value that did what the code did before them (:data:`LEGACY_VALUES`),
     so results written before they existed keep their fingerprint."""
-    train = _flatten(config.to_dict())
+    train = flatten(config.to_dict())
     payload: dict = {
         "train": {
             k: v
@@ -243,7 +244,7 @@ def _methods(raw, where: str) -> dict[str, dict]:
             raise ConfigError(
                 f"{where}: methods.{name} must be a mapping of keys to values, got {overrides!r}"
             )
-        flat = _flatten(overrides)
+        flat = flatten(overrides)
         for key in flat:
             _check_key(key, f"{where}: methods.{name}")
         methods[name] = flat
@@ -305,18 +306,6 @@ def _slug(value) -> str:
         return "_".join(_slug(v) for v in value)
     text = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
     return re.sub(r"[^A-Za-z0-9.+-]", "_", text)
-
-
-def _flatten(data: dict, prefix: str = "") -> dict:
-    """Nested mappings to ``{dotted key: value}`` (values that are lists stay whole)."""
-    flat = {}
-    for key, value in data.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{dotted}."))
-        else:
-            flat[dotted] = value
-    return flat
 
 
 def _nested(flat: dict, where: str) -> dict:

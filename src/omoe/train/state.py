@@ -15,6 +15,7 @@ from omoe.errors import ConfigError
 from omoe.train import checkpoint as ckpt
 from omoe.train.config import RESULT_FREE_KEYS, TrainConfig
 from omoe.tuners.model import WEIGHTS_NAME
+from omoe.utils import flatten
 
 
 def check_output_dir(out: Path, resume: bool) -> Path | None:
@@ -59,7 +60,7 @@ def restore_training_state(state: dict, optimizer, params, names: list[str], sch
 def check_resumable(saved: dict, config: TrainConfig, path: Path) -> None:
     """Refuse to resume checkpoint ``path`` (whose ``trainer_state.json`` is ``saved``) with a
     config that differs from its own in a key that changes the numbers."""
-    old, new = _flatten(saved["config"]), _flatten(config.to_dict())
+    old, new = flatten(saved["config"]), flatten(config.to_dict())
     differ = [
         k for k in sorted(set(old) | set(new))
         if old.get(k) != new.get(k) and not k.startswith(RESULT_FREE_KEYS)
@@ -70,13 +71,3 @@ def check_resumable(saved: dict, config: TrainConfig, path: Path) -> None:
             f"cannot resume {path}: the config differs in {shown}; a resume continues the same run "
             "(start a new output_dir to change them)"
         )
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    flat = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            flat.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            flat[f"{prefix}{k}"] = v
-    return flat

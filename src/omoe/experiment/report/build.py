@@ -7,6 +7,7 @@ import csv
 import io
 from pathlib import Path
 
+from omoe import options
 from omoe.errors import ConfigError
 from omoe.experiment.report.accuracy import table1, table2, table4, table10
 from omoe.experiment.report.efficiency import table3
@@ -18,7 +19,6 @@ from omoe.experiment.report.rows import SWEEP_X, Table, swept
 from omoe.experiment.report.spread import answer_counts, answers
 from omoe.experiment.report.sweep import fig4
 from omoe.experiment.report.walltime import runs
-from omoe.train import options
 from omoe.train.config import TrainConfig
 from omoe.utils import atomic_save_figure, atomic_write_text
 
