@@ -76,8 +76,8 @@ def test_loss_at_supervised_positions_under_bf16_autocast_is_close_to_fp32(smoll
     assert_close(bf16, fp32, rtol=2e-2, atol=0)
 
 
-def test_selected_logits_are_the_rows_of_the_full_logits_in_row_major_order():
-    model = tiny_llama(0, vocab_size=128)
+def _full_and_selected(model):
+    """A right-padded (3, 7) batch, 4 positions to keep, and the model's full and selected logits."""
     ids = torch.randint(3, 128, (3, 7), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[1, 5:] = 0
@@ -86,6 +86,12 @@ def test_selected_logits_are_the_rows_of_the_full_logits_in_row_major_order():
     with torch.no_grad():
         full = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
         got = selected_logits(model, ids, mask, keep)  # (M, V)
+    return ids, mask, keep, full, got
+
+
+def test_selected_logits_are_the_rows_of_the_full_logits_in_row_major_order():
+    model = tiny_llama(0, vocab_size=128)
+    _, _, keep, full, got = _full_and_selected(model)
     assert got.shape == (4, 128)
     assert_close(got, full[keep], rtol=1e-5, atol=1e-5)
 
@@ -108,14 +114,7 @@ def test_without_gradients_the_last_blocks_mlp_runs_on_the_read_positions_only(a
     rows = []
     probe = mlp.omoe_router if adapter == "omoe" else mlp.gate_proj  # called as a module inside the MLP
     handle = probe.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[:-1].numel()))
-    ids = torch.randint(3, 128, (3, 7), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones_like(ids)
-    mask[1, 5:] = 0
-    keep = torch.zeros(3, 7, dtype=torch.bool)
-    keep[0, [1, 6]] = keep[1, 4] = keep[2, 0] = True
-    with torch.no_grad():
-        full = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V)
-        got = selected_logits(model, ids, mask, keep)  # (M, V)
+    ids, mask, keep, full, got = _full_and_selected(model)
     assert rows == [21, 4]
     assert_close(got, full[keep], rtol=1e-5, atol=1e-5)
     selected_logits(model, ids, mask, keep).sum().backward()

@@ -1,6 +1,6 @@
-"""Faster forms of two hot spots of the expert layers, with the plain PyTorch forms as reference.
+"""Faster forms of the hot spots of the expert layers, with the plain PyTorch forms as reference.
 
-Besides the matmuls, two things dominate an OMoE step on a CPU (``omoe bench``, torch.profiler):
+Besides the matmuls, these dominated an OMoE step on a CPU (``omoe bench``, torch.profiler):
 
 - **Dropout masks.** ``aten::bernoulli_`` draws one random number per element on one thread: 18%
   of an OMoE step and 24% of a PEFT LoRA step on the SmolLM2 shape. :class:`Dropout` draws one
@@ -8,16 +8,18 @@ Besides the matmuls, two things dominate an OMoE step on a CPU (``omoe bench``, 
 - **Casts of the frozen weights.** CPU autocast casts a frozen float32 weight to bf16 again at every
   call (its cast cache keeps only trainable leaves): 134 M elements per SmolLM2 step.
   :func:`frozen_linear` keeps one bf16 copy per frozen weight (same bits as autocast's cast).
-- **The hidden change** (:func:`omoe.layers.moe.hidden_delta`): a dozen elementwise passes over
-  ``(S, N, I)`` float32 tensors. :func:`fused_hidden_delta` runs the same function through
-  ``torch.compile``, which fuses them into one loop (5x faster on that function alone).
+- **Elementwise passes over ``(S, N, d)``**: the hidden change (:mod:`omoe.layers.hidden`, a dozen
+  passes over ``(S, N, I)``, and for SiLU a backward written out) and Gram-Schmidt with the mixture
+  (:func:`omoe.layers.mixing.orthogonal_mix`) run through :func:`fused` (``torch.compile``), which
+  turns each into a few loops.
 
-The casts give bit-identical results; the other two give the same distribution and the same exact zeros as the reference: the fused hidden changes
-only the rounding of the non-zero values (its intermediates stay float32), and an untrained adapter
-is still the base model bit for bit. ``OMOE_FUSED=0`` in the environment, or
-:func:`reference_kernels`, switches all three back to the reference forms (``omoe bench`` times "before"
-rows that way). Where ``torch.compile`` cannot work (no C++ compiler, an unsupported platform) the
-hidden falls back to the reference with one warning.
+The casts give bit-identical results; the others give the same distribution and the same exact
+zeros as the reference: the compiled functions change only the rounding of the non-zero values
+(their intermediates stay float32), and an untrained adapter is still the base model bit for bit.
+``OMOE_FUSED=0`` in the environment, or :func:`reference_kernels`, switches all of them back to the
+reference forms, with the recomputation in backward of before (:func:`recompute_in_backward`;
+``omoe bench`` times its "before" rows that way). Where ``torch.compile`` cannot work (no C++
+compiler, an unsupported platform) the compiled functions fall back to the reference with one warning.
 """
 
 from __future__ import annotations
