@@ -26,6 +26,9 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+from omoe.utils import atomic_write_text, json_text  # noqa: E402
+
 PYTHON = sys.executable
 
 # Run in a fresh process with PYTHONPATH set to the version's src/. argv: kind mode steps.
@@ -93,7 +96,7 @@ for i in range(steps + 1):
     run()
     if i:  # the first call is a warm-up
         times.append(time.perf_counter() - t0)
-print(json.dumps(times))
+print(json.dumps(times, allow_nan=False))
 """
 
 
@@ -154,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join(lines)
     print(table)
     if args.output:
-        Path(args.output).write_text(json.dumps({"meta": meta, **result}, indent=2) + "\n")
-        Path(args.output).with_suffix(".md").write_text(table + "\n")
+        atomic_write_text(args.output, json_text({"meta": meta, **result}, indent=2) + "\n")
+        atomic_write_text(Path(args.output).with_suffix(".md"), table + "\n")
     return 0
 
 
