@@ -102,8 +102,8 @@ def _grads(fn, leaves, with_h0):
 @pytest.mark.parametrize("with_h0", [False, True])
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_fused_hidden_delta_gradients_match_reference(pattern, with_h0):
-    """For SiLU the fused form's backward is written out (silu_delta_grads): it must give autograd's
-    gradients of the reference, for every pattern of adapted projections, with and without h."""
+    """The compiled form's gradients are autograd's of the reference, for every pattern of adapted
+    projections, with and without h."""
     g0, u0, dg, du = _hidden_inputs(torch.float32)
     dg, du = _pattern(pattern, dg, du)
     grads = []
@@ -111,13 +111,13 @@ def test_fused_hidden_delta_gradients_match_reference(pattern, with_h0):
         leaves = [None if t is None else t.clone().requires_grad_(True) for t in (g0, u0, dg, du)]
         grads.append(_grads(fn, leaves, with_h0))
     out = fused_hidden_delta(F.silu, *leaves)
-    assert type(out.grad_fn).__name__ == "_SiluHiddenDeltaBackward"  # the written-out backward ran
+    assert "Compiled" in type(out.grad_fn).__name__  # the compiled form ran
     for fused, ref in zip(*grads, strict=True):
         torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
-def test_the_written_out_silu_backward_passes_gradcheck(pattern):
+def test_the_compiled_hidden_change_passes_gradcheck(pattern):
     g0, u0, dg, du = (t.double() for t in _hidden_inputs(torch.float32, scale=0.3, n=5, inter=7))
     dg, du = _pattern(pattern, dg, du)
     h0 = (F.silu(g0) * u0).detach()

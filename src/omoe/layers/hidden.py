@@ -2,11 +2,8 @@
 slot's change ``dh_s`` of it, formed from the experts' deltas (docs/method.md, "Numerics").
 
 :func:`hidden_delta` is the reference form. :func:`fused_hidden_delta` is the same function run
-through ``torch.compile`` (one loop instead of a dozen passes over ``(S, N, I)``); for SiLU, the
-MLP activation of LLaMA-family models, its backward is written out (:func:`silu_delta_grads`) and
-compiled too, instead of being derived from the forward graph: autograd's derived backward keeps
-float32 ``(S, N, I)`` intermediates and runs as several loops (measured 1.7x slower on the SmolLM2
-shape, ``scripts/bench_hidden.py``).
+through ``torch.compile``: one loop instead of a dozen passes over ``(S, N, I)``, and a compiled
+backward derived from it.
 """
 
 from __future__ import annotations
@@ -14,9 +11,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
-from omoe.layers.kernels import fused, fused_enabled
+from omoe.layers.kernels import fused
 
 
 def hidden_delta(act, g0, u0, dg, du, dtype: torch.dtype | None = None, h0: torch.Tensor | None = None):
@@ -55,82 +51,7 @@ def hidden_delta(act, g0, u0, dg, du, dtype: torch.dtype | None = None, h0: torc
     return dh if h0 is None else (dh, (h0 + dh).to(h0.dtype))
 
 
-def _silu_grad(g: torch.Tensor) -> torch.Tensor:
-    """``d silu(g) / dg = sigmoid(g) (1 + g (1 - sigmoid(g)))``."""
-    s = torch.sigmoid(g)
-    return s * (1 + g * (1 - s))
-
-
-def silu_delta_grads(grad_dh, grad_h, g0, u0, dg, du):
-    """Gradients of ``hidden_delta(F.silu, g0, u0, dg, du, dtype, h0)`` given those of its outputs.
-
-    grad_dh, grad_h: ``(S, N, I)`` gradients of ``dh`` and of ``h = h0 + dh`` (either may be None).
-    Returns ``(g0, u0, dg, du, h0)`` gradients in their inputs' dtypes (None where there is none),
-    computed in float32 and each rounded once. With ``a = silu``, ``G = grad_dh + grad_h`` and
-    ``dh = (a(g0 + dg) - a(g0)) u0 + a(g0 + dg) du``:
-    ``d/ddg = G (u0 + du) a'(g0 + dg)``, ``d/ddu = G a(g0 + dg)``,
-    ``d/dg0 = sum_s G (u0 (a'(g0 + dg) - a'(g0)) + du a'(g0 + dg))``,
-    ``d/du0 = sum_s G (a(g0 + dg) - a(g0))``, ``d/dh0 = sum_s grad_h``.
-    Where ``dg`` and ``du`` are 0 the gradients reaching ``g0`` and ``u0`` are exactly 0, as the
-    reference's are.
-    """
-    wide = torch.float32
-    grads = [t.to(wide) for t in (grad_dh, grad_h) if t is not None]
-    G = grads[0] if len(grads) == 1 else grads[0] + grads[1]  # (S, N, I)
-    g, u = g0.to(wide), u0.to(wide)  # (N, I)
-    grad_h0 = None if grad_h is None else grad_h.to(wide).sum(0).to(g0.dtype)
-    if dg is None:  # dh = a(g0) du
-        grad_g0 = (G * du.to(wide) * _silu_grad(g)).sum(0)
-        return grad_g0.to(g0.dtype), None, None, (G * F.silu(g)).to(du.dtype), grad_h0
-    g1 = g + dg.to(wide)  # (S, N, I)
-    a1, s1 = F.silu(g1), _silu_grad(g1)
-    from_u0 = u * (s1 - _silu_grad(g))
-    if du is None:
-        grad_dg, grad_du, grad_g0 = G * u * s1, None, G * from_u0
-    else:
-        duw = du.to(wide)
-        grad_dg, grad_du, grad_g0 = G * (u + duw) * s1, (G * a1).to(du.dtype), G * (from_u0 + duw * s1)
-    grad_u0 = (G * (a1 - F.silu(g))).sum(0)
-    return grad_g0.sum(0).to(g0.dtype), grad_u0.to(u0.dtype), grad_dg.to(dg.dtype), grad_du, grad_h0
-
-
-_fused_forward = fused(hidden_delta)
-_fused_grads = fused(silu_delta_grads)
-
-
-class _SiluHiddenDelta(torch.autograd.Function):
-    """:func:`hidden_delta` for SiLU with :func:`silu_delta_grads` as its backward, both compiled.
-    Saves only its inputs."""
-
-    @staticmethod
-    def forward(ctx, g0, u0, dg, du, dtype, h0):
-        ctx.set_materialize_grads(False)
-        ctx.save_for_backward(g0, u0, dg, du)
-        ctx.with_h0 = h0 is not None
-        return _fused_forward(F.silu, g0, u0, dg, du, dtype, h0)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_dh, grad_h=None):
-        g0, u0, dg, du = ctx.saved_tensors
-        if grad_dh is None and grad_h is None:
-            return None, None, None, None, None, None
-        grad_g0, grad_u0, grad_dg, grad_du, grad_h0 = _fused_grads(grad_dh, grad_h, g0, u0, dg, du)
-        return grad_g0, grad_u0, grad_dg, grad_du, None, grad_h0 if ctx.with_h0 else None
-
-
-def fused_hidden_delta(act, g0, u0, dg, du, dtype: torch.dtype | None = None, h0: torch.Tensor | None = None):
-    """:func:`hidden_delta` in one compiled loop; for SiLU in training, with its backward written
-    out (:func:`silu_delta_grads`). The reference form while fused kernels are off."""
-    inputs = (g0, u0, dg, du, h0)
-    if (
-        act is F.silu
-        and fused_enabled()
-        and torch.is_grad_enabled()
-        and any(t is not None and t.requires_grad for t in inputs)
-    ):
-        return _SiluHiddenDelta.apply(g0, u0, dg, du, dtype, h0)
-    return _fused_forward(act, g0, u0, dg, du, dtype, h0)
+fused_hidden_delta = fused(hidden_delta)  # one loop instead of a dozen passes (layers/kernels.py)
 
 
 class Hidden(NamedTuple):

@@ -9,7 +9,7 @@ Besides the matmuls, these dominated an OMoE step on a CPU (``omoe bench``, torc
   call (its cast cache keeps only trainable leaves): 134 M elements per SmolLM2 step.
   :func:`frozen_linear` keeps one bf16 copy per frozen weight (same bits as autocast's cast).
 - **Elementwise passes over ``(S, N, d)``**: the hidden change (:mod:`omoe.layers.hidden`, a dozen
-  passes over ``(S, N, I)``, and for SiLU a backward written out) and Gram-Schmidt with the mixture
+  passes over ``(S, N, I)``) and Gram-Schmidt with the mixture
   (:func:`omoe.layers.mixing.orthogonal_mix`) run through :func:`fused` (``torch.compile``), which
   turns each into a few loops.
 
@@ -131,8 +131,8 @@ def fused(function: Callable) -> Callable:
                 raise
             _state["broken"] = True
             warnings.warn(
-                f"omoe: torch.compile failed ({type(error).__name__}); using the unfused expert hidden "
-                "(slower, same results up to rounding). OMOE_FUSED=0 skips the attempt.",
+                f"omoe: torch.compile failed ({type(error).__name__}); using the plain forms of the expert "
+                "hidden and Gram-Schmidt (slower, same results up to rounding). OMOE_FUSED=0 skips the attempt.",
                 RuntimeWarning,
                 stacklevel=2,
             )

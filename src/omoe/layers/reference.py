@@ -38,11 +38,18 @@ class BeforeMoEFeedForward(MoEFeedForward):
         return dh - d0 + self.omoe_experts["down"](h, idx, lambda: dh, down)
 
 
+def _switch(model: nn.Module, old: type, new: type) -> list[nn.Module]:
+    """Give every layer of exactly class ``old`` in ``model`` the class ``new`` (same parameters)."""
+    layers = [m for m in model.modules() if type(m) is old]
+    for layer in layers:
+        layer.__class__ = new
+    return layers
+
+
 @contextmanager
 def before_representation(model: nn.Module) -> Iterator[int]:
     """:func:`use_before_representation` inside the block, the representation of now after it."""
-    layers = [m for m in model.modules() if type(m) is MoEFeedForward]
-    use_before_representation(model)
+    layers = _switch(model, MoEFeedForward, BeforeMoEFeedForward)
     try:
         yield len(layers)
     finally:
@@ -53,7 +60,4 @@ def before_representation(model: nn.Module) -> Iterator[int]:
 def use_before_representation(model: nn.Module) -> int:
     """Switch every :class:`MoEFeedForward` of ``model`` to the pre-issue-9 representation, in
     place (same parameters); returns how many were switched."""
-    layers = [m for m in model.modules() if type(m) is MoEFeedForward]
-    for layer in layers:
-        layer.__class__ = BeforeMoEFeedForward
-    return len(layers)
+    return len(_switch(model, MoEFeedForward, BeforeMoEFeedForward))
